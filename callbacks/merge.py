@@ -1,0 +1,130 @@
+"""Model merging for the ``independent`` schedule: every request is unlearned from θ0 on its own and
+the task vectors τ_i = θ_i − θ0 of all requests so far are merged into one model θ0 + merged(τ)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from cuig_lightning.checkpoints import load_tensors, save_tensors, write_json
+
+TASK_VECTOR = "task_vector.safetensors"
+MERGE_JSON = "merge.json"
+Method = Literal["ties", "task_arithmetic", "uniform"]
+
+
+def _stack(task_vectors: Sequence[dict[str, Tensor]], name: str) -> Tensor:
+    tensors = [tv[name] for tv in task_vectors]
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)  # merge at least in float32
+    return torch.stack([t.to(dtype) for t in tensors])
+
+
+def _per_tensor(task_vectors: Sequence[dict[str, Tensor]], merge: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    if not task_vectors:
+        raise ValueError("nothing to merge: no task vectors given")
+    names = set(task_vectors[0])
+    for i, tv in enumerate(task_vectors[1:], start=2):
+        if set(tv) != names:
+            raise ValueError(f"task vector {i} has different tensors than task vector 1")
+    return {n: merge(_stack(task_vectors, n)).to(task_vectors[0][n].dtype) for n in sorted(names)}
+
+
+def trim(tau: Tensor, density: float) -> Tensor:
+    """Keep the ``int(density * numel)`` largest-magnitude entries of one tensor, zero the rest
+    (``density >= 1`` keeps everything); same count and tie order as ``peft``'s magnitude pruning."""
+    if density >= 1:
+        return tau
+    if density < 0:
+        raise ValueError(f"TIES density must be >= 0, got {density}")
+    flat = tau.reshape(-1)
+    keep = torch.zeros_like(flat)
+    keep[torch.topk(flat.abs(), k=int(density * flat.numel()), largest=True).indices] = 1
+    return (flat * keep).reshape(tau.shape)
+
+
+def ties_merge(task_vectors: Sequence[dict[str, Tensor]], density: float, lam: float) -> dict[str, Tensor]:
+    """TIES per tensor: trim each τ_i to its top-``density`` magnitudes, elect the sign of the summed
+    trimmed τ (a zero sum elects +), average the nonzero entries agreeing with it, scale by ``lam``."""
+
+    def merge(stacked: Tensor) -> Tensor:
+        trimmed = torch.stack([trim(t, density) for t in stacked])
+        elected = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0).to(trimmed.dtype)
+        agree = trimmed.sign() == elected  # trimmed-away zeros never agree
+        total = (trimmed * agree).sum(dim=0)
+        return lam * total / agree.sum(dim=0).clamp(min=1)
+
+    return _per_tensor(task_vectors, merge)
+
+
+def task_arithmetic(task_vectors: Sequence[dict[str, Tensor]], lam: float) -> dict[str, Tensor]:
+    """``lam * Σ_i τ_i`` per tensor."""
+    return _per_tensor(task_vectors, lambda stacked: lam * stacked.sum(dim=0))
+
+
+def uniform(task_vectors: Sequence[dict[str, Tensor]], lam: float) -> dict[str, Tensor]:
+    """``lam * (1/n) Σ_i τ_i`` per tensor (the plain average of the n task vectors, scaled)."""
+    return _per_tensor(task_vectors, lambda stacked: lam * stacked.mean(dim=0))
+
+
+def merge_task_vectors(
+    task_vectors: Sequence[dict[str, Tensor]], method: Method, density: float, lam: float
+) -> dict[str, Tensor]:
+    if method == "ties":
+        return ties_merge(task_vectors, density, lam)
+    if method == "task_arithmetic":
+        return task_arithmetic(task_vectors, lam)
+    if method == "uniform":
+        return uniform(task_vectors, lam)
+    raise ValueError(f"unknown merge method {method!r}; use ties, task_arithmetic or uniform")
+
+
+class ModelMerge(pl.Callback):
+    """At the end of each ``independent`` stage, saves this request's task vector and replaces the
+    trainable weights by θ0 + merge(τ_1..τ_n) over all requests so far.
+
+    Only makes sense when every stage starts from θ0, hence the schedule check. Each rank merges its
+    own in-memory τ_n with the earlier τ_i read from the finished request folders, so no rank waits
+    for rank 0's write.
+    """
+
+    def __init__(self, method: Method = "ties", density: float = 0.5, lam: float = 1.0) -> None:
+        if method not in ("ties", "task_arithmetic", "uniform"):
+            raise ValueError(f"unknown merge method {method!r}; use ties, task_arithmetic or uniform")
+        if not 0.0 < density <= 1.0:
+            raise ValueError(f"ModelMerge density must be in (0, 1], got {density}")
+        self.method = method
+        self.density = density
+        self.lam = lam
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        schedule = pl_module.stage.schedule
+        if schedule != "independent":
+            raise ValueError(
+                f"ModelMerge needs the 'independent' schedule (each request unlearned from θ0), got {schedule!r}"
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage = pl_module.stage
+        params = pl_module.trainable
+        base = pl_module.base_weights
+        tau = {n: p.detach().cpu() - base[n].cpu() for n, p in params.items()}
+        request_dir = Path(stage.request_dir)
+        if trainer.is_global_zero:
+            save_tensors(tau, request_dir / TASK_VECTOR)
+        previous = [load_tensors(Path(d) / TASK_VECTOR) for d in stage.previous_dirs]
+        merged = merge_task_vectors([*previous, tau], self.method, self.density, self.lam)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_((base[n].to(merged[n].dtype) + merged[n]).to(device=p.device, dtype=p.dtype))
+        dirs = [str(d) for d in stage.previous_dirs] + [str(request_dir)]
+        pl_module.print(f"ModelMerge: {self.method} (density {self.density}, λ {self.lam}) over {len(dirs)} requests")
+        if trainer.is_global_zero:
+            write_json(
+                {"method": self.method, "density": self.density, "lam": self.lam, "merged": dirs},
+                request_dir / MERGE_JSON,
+            )

@@ -1,0 +1,126 @@
+"""SelFT: unfreeze only the trainable elements that matter most for the target, freeze the rest bitwise."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+
+def topk_mask(importance: Mapping[str, Tensor], fraction: float) -> dict[str, Tensor]:
+    """One global top-k over every element of every tensor: k = round(fraction * N) ``True`` entries.
+
+    Ties are broken deterministically in favour of the earlier element, walking the tensors in
+    sorted-name order and each tensor in flat (row-major) order.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"top-k fraction must be in [0, 1], got {fraction}")
+    names = sorted(importance)
+    if not names:
+        raise ValueError("top-k mask needs at least one tensor")
+    flat = torch.cat([importance[n].detach().reshape(-1).float() for n in names])
+    k = round(fraction * flat.numel())
+    order = torch.sort(flat, descending=True, stable=True).indices
+    selected = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    selected[order[:k]] = True
+    masks, offset = {}, 0
+    for n in names:
+        size = importance[n].numel()
+        masks[n] = selected[offset : offset + size].reshape(importance[n].shape)
+        offset += size
+    return masks
+
+
+class SelectiveFineTuning(pl.Callback):
+    """Trains only the top ``topk`` fraction of trainable elements by importance |g · θ(n-1)*|.
+
+    g is the unlearning-loss gradient summed over ``num_timesteps`` batches walking a DDIM
+    trajectory on the target prompts. The mask is computed once per stage on rank 0 and broadcast,
+    and it is part of the callback state so a resumed stage reuses it. Frozen elements get a zero
+    gradient and are copied back from the stage start after every step, because AdamW's weight
+    decay and momentum would otherwise still move them.
+    """
+
+    def __init__(self, topk: float = 0.05, num_timesteps: int = 50) -> None:
+        if not 0.0 < topk <= 1.0:
+            raise ValueError(f"SelectiveFineTuning topk must be in (0, 1], got {topk}")
+        if num_timesteps < 1:
+            raise ValueError(f"SelectiveFineTuning num_timesteps must be >= 1, got {num_timesteps}")
+        self.topk = topk
+        self.num_timesteps = num_timesteps
+        self.mask: dict[str, Tensor] | None = None  # bool, CPU; the state that is checkpointed
+        self._stage_index: int | None = None
+        self._on_device: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (frozen, start) on the param's device
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.mask is None:
+            return {}
+        return {"mask": {n: m.cpu() for n, m in self.mask.items()}, "stage_index": self._stage_index}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "mask" in state_dict:
+            self.mask = {n: m.to(torch.bool) for n, m in state_dict["mask"].items()}
+            self._stage_index = state_dict.get("stage_index")
+
+    # -- hooks -------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.mask, self._stage_index, self._on_device = None, None, {}  # a checkpoint restore comes after
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stage_index = getattr(getattr(pl_module, "stage", None), "index", None)
+        if self.mask is not None and self._stage_index != stage_index:
+            raise ValueError(
+                f"SelectiveFineTuning mask was saved for stage {self._stage_index}, but this is stage {stage_index}"
+            )
+        if self.mask is None:
+            mask = self._compute_mask(pl_module) if trainer.is_global_zero else None
+            self.mask = trainer.strategy.broadcast(mask, src=0)
+            self._stage_index = stage_index
+        self._check_mask(pl_module)
+        self._on_device = {
+            n: (~self.mask[n].to(p.device), pl_module.start_weights[n].detach().to(device=p.device, dtype=p.dtype))
+            for n, p in pl_module.trainable.items()
+        }
+        selected = sum(int(m.sum()) for m in self.mask.values())
+        total = sum(m.numel() for m in self.mask.values())
+        pl_module.print(f"SelFT: training {selected} of {total} trainable elements ({self.topk:.2%})")
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        for n, p in pl_module.trainable.items():
+            if p.grad is not None:
+                p.grad.masked_fill_(self._on_device[n][0], 0.0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            for n, p in pl_module.trainable.items():
+                frozen, start = self._on_device[n]
+                p.copy_(torch.where(frozen, start, p))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._on_device = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _compute_mask(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        params = pl_module.trainable
+        for p in params.values():
+            p.grad = None
+        with torch.enable_grad():
+            for batch in pl_module.trajectory_batches(self.num_timesteps):
+                pl_module.unlearning_loss(batch).backward()
+        importance = {}
+        for n, p in params.items():
+            start = pl_module.start_weights[n].detach().to(device=p.device, dtype=torch.float32)
+            grad = p.grad.float() if p.grad is not None else torch.zeros_like(start)
+            importance[n] = (grad * start).abs()
+        for p in params.values():
+            p.grad = None
+        return {n: m.cpu() for n, m in topk_mask(importance, self.topk).items()}
+
+    def _check_mask(self, pl_module: pl.LightningModule) -> None:
+        params = pl_module.trainable
+        if set(self.mask) != set(params) or any(self.mask[n].shape != p.shape for n, p in params.items()):
+            raise ValueError("SelectiveFineTuning mask does not match the trainable tensors of this module")

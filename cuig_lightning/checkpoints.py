@@ -1,0 +1,93 @@
+"""Request checkpoints: trained tensors as safetensors plus a JSON manifest with sha256 of every file.
+
+Every write is atomic (temporary file in the same folder, then ``os.replace``), and the manifest is
+written last, so a request folder either has a manifest that vouches for its files or is unfinished.
+Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+DELTA = "unet_delta.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not belong to this run."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Atomically write ``tensors`` (detached, contiguous, on CPU) as safetensors."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(cpu, tmp))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt checkpoint file {path}: {err}") from None
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, files: list[str], **fields: Any) -> dict:
+    """Write ``folder/manifest.json`` recording ``fields`` and the sha256 of each listed file."""
+    manifest = dict(fields, files={name: sha256_file(folder / name) for name in sorted(files)})
+    write_json(manifest, folder / MANIFEST)
+    return manifest
+
+
+def read_manifest(folder: Path, verify: bool = True) -> dict:
+    """Read a request's manifest; with ``verify`` every listed file must match its sha256."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing manifest {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"corrupt manifest {path}: {err}") from None
+    if verify:
+        for name, expected in manifest.get("files", {}).items():
+            file = folder / name
+            if not file.is_file():
+                raise CheckpointError(f"{file} is listed in {path} but missing")
+            if sha256_file(file) != expected:
+                raise CheckpointError(f"sha256 of {file} does not match its manifest {path}")
+    return manifest

@@ -1,0 +1,213 @@
+"""The continual job: one fresh ``Trainer`` per request, checkpoints per request, resume, run-folder ownership.
+
+:class:`ContinualTrainer` is the ``trainer`` of the CLI. Its own ``fit`` walks the requests and builds a
+plain ``lightning.Trainer`` for each stage from the same settings (callbacks are deep-copied so every
+stage starts with fresh regularizer state). The walk is decided from the run folder before anything is
+written, so DDP ranks, which re-run the whole command, walk the same stages.
+
+Run folder::
+
+    run_dir/
+      job.json                       config hash and resolved config (ownership)
+      requests/01-<target>/
+        unet_delta.safetensors       the trainable tensors after this request
+        manifest.json                request, schedule, config hash, keys, sha256 of every file, wall time
+        partial/last.ckpt            mid-request checkpoint, removed once the request is finished
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from cuig_lightning.checkpoints import (
+    DELTA,
+    MANIFEST,
+    CheckpointError,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    write_json,
+    write_manifest,
+)
+from cuig_lightning.requests import Request, Schedule, Stage, plan_stages, validate_requests
+
+
+class RunFolderError(RuntimeError):
+    """The run folder belongs to another configuration."""
+
+
+def config_hash(config_text: str) -> str:
+    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
+
+
+class RunFolder:
+    """Owns ``run_dir``: claims it for one configuration and finds finished requests."""
+
+    def __init__(self, root: str | Path, config_text: str):
+        self.root = Path(root)
+        self.config_text = config_text
+        self.hash = config_hash(config_text)
+
+    def check_owner(self) -> None:
+        job = self.root / "job.json"
+        if job.is_file():
+            try:
+                owner = json.loads(job.read_text()).get("config_hash")
+            except json.JSONDecodeError:
+                raise RunFolderError(f"{job} is corrupt; refusing to reuse {self.root}") from None
+            if owner != self.hash:
+                raise RunFolderError(
+                    f"run folder {self.root} was made by a different config (hash {owner}, this config {self.hash}); "
+                    "choose another trainer.run_dir"
+                )
+        elif (self.root / "requests").exists():
+            raise RunFolderError(f"run folder {self.root} has requests but no job.json; refusing to reuse it")
+
+    def claim(self) -> None:
+        if not (self.root / "job.json").is_file():
+            write_json({"config_hash": self.hash, "config": self.config_text, "created": time.time()}, self.root / "job.json")
+
+    def request_dir(self, index: int, requests: list[Request]) -> Path:
+        slug = requests[0].slug if len(requests) == 1 else f"all-{len(requests)}"
+        return self.root / "requests" / f"{index + 1:02d}-{slug}"
+
+    def finished(self, folder: Path) -> dict | None:
+        """The verified manifest of a finished request, or None if it is not finished."""
+        if not (folder / MANIFEST).is_file():
+            return None
+        manifest = read_manifest(folder, verify=True)
+        if manifest.get("config_hash") != self.hash:
+            raise RunFolderError(f"{folder} was written by a different config")
+        return manifest
+
+
+def finished_requests(run_dir: str | Path) -> list[Path]:
+    """Request folders of a run that have a manifest, in order."""
+    root = Path(run_dir) / "requests"
+    return sorted(p for p in root.glob("*") if (p / MANIFEST).is_file()) if root.is_dir() else []
+
+
+class ContinualTrainer(L.Trainer):
+    """A Trainer whose ``fit`` runs a whole continual-unlearning job, one fresh Trainer per request.
+
+    Args:
+        requests: concepts to erase, in arrival order.
+        schedule: ``sequential`` (request n starts from the model after n-1), ``simultaneous`` (one stage
+            erases all targets) or ``independent`` (each request starts from the pretrained weights; the
+            input of model merging).
+        run_dir: where checkpoints, manifests and logs go; re-running the same config resumes it.
+        checkpoint_every: optimizer steps between mid-request checkpoints (``last.ckpt``).
+        **kwargs: every ``lightning.Trainer`` argument, used for each stage's Trainer.
+    """
+
+    def __init__(
+        self,
+        requests: list[Request] | None = None,
+        schedule: Schedule = "sequential",
+        run_dir: str = "runs/cuig",
+        checkpoint_every: int = 50,
+        **kwargs: Any,
+    ):
+        self.requests = list(requests or [])
+        self.schedule = schedule
+        self.run_dir = Path(run_dir)
+        self.checkpoint_every = checkpoint_every
+        self.config_text: str | None = None  # the resolved config, set by the CLI; its hash owns run_dir
+        self._stage_kwargs = dict(kwargs)
+        self._callback_templates: list[Callback] = list(kwargs.pop("callbacks", None) or [])
+        kwargs.pop("logger", None)
+        super().__init__(logger=False, **kwargs)
+
+    def _stage_trainer(self, folder: Path) -> L.Trainer:
+        kwargs = dict(self._stage_kwargs)
+        callbacks = [copy.deepcopy(c) for c in self._callback_templates]
+        callbacks.append(
+            ModelCheckpoint(dirpath=folder / "partial", save_last=True, save_top_k=0,
+                            every_n_train_steps=self.checkpoint_every, enable_version_counter=False)
+        )
+        kwargs["callbacks"] = callbacks
+        kwargs.setdefault("default_root_dir", str(folder))
+        kwargs.setdefault("logger", L.pytorch.loggers.CSVLogger(str(folder), name="logs", version=""))
+        return L.Trainer(**kwargs)
+
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None, weights_only=None):
+        """Run every request of the job (resuming a run folder made by the same config)."""
+        if datamodule is None:
+            raise ValueError("the continual trainer needs the data module (the `data:` section)")
+        validate_requests(self.requests, datamodule.vocabulary)
+        config_text = self.config_text or json.dumps([vars(r) for r in self.requests], sort_keys=True)
+        run = RunFolder(self.run_dir, config_text)
+        run.check_owner()
+        stages = plan_stages(self.requests, self.schedule)
+        # Decide the whole walk (and verify finished requests) before writing anything.
+        folders = [run.request_dir(i, reqs) for i, reqs in enumerate(stages)]
+        manifests = [run.finished(f) for f in folders]
+        run.claim() if self.is_global_zero else None
+
+        base = model.base_weights
+        current = base
+        erased: list[str] = []
+        for i, (reqs, folder, manifest) in enumerate(zip(stages, folders, manifests)):
+            stage = Stage(index=i, requests=reqs, erased_before=list(erased), vocabulary=datamodule.vocabulary,
+                          schedule=self.schedule, request_dir=folder, previous_dirs=folders[:i])
+            if manifest is not None:
+                current = load_tensors(folder / DELTA)
+                rank_zero_info(f"[cuig] request {i + 1}/{len(stages)} ({', '.join(stage.targets)}): finished earlier, skipped")
+            else:
+                start = current if self.schedule == "sequential" else base
+                current = self._run_stage(model, datamodule, stage, start, run)
+            erased += stage.targets
+        model.load_trainable(current)
+
+    def _run_stage(self, model, datamodule, stage: Stage, start: dict, run: RunFolder) -> dict:
+        folder = stage.request_dir
+        t0 = time.time()
+        trainer = self._stage_trainer(folder)
+        # Anchor images come from the base model, generated on this rank's device (then cached).
+        model.to(trainer.strategy.root_device)
+        model.load_trainable(model.base_weights)
+        datamodule.prepare_stage(model.diffusion, stage)
+        model.begin_stage(stage, start)
+        last = folder / "partial" / "last.ckpt"
+        resume = str(last) if last.is_file() else None
+        if resume:
+            rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): resuming from {last}")
+        if resume:
+            _check_loadable(last)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        weights = model.snapshot()
+        if trainer.is_global_zero:
+            save_tensors(weights, folder / DELTA)
+            files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != MANIFEST)
+            write_manifest(
+                folder, files,
+                request=[vars(r) for r in stage.requests], index=stage.index + 1, schedule=self.schedule,
+                config_hash=run.hash, trainable_keys=sorted(weights), steps=trainer.global_step,
+                wall_time_s=round(time.time() - t0, 2),
+            )
+            shutil.rmtree(folder / "partial", ignore_errors=True)
+        trainer.strategy.barrier("cuig-request-saved")
+        return weights
+
+
+def _check_loadable(path: Path) -> None:
+    """Fail with one clear line on a damaged mid-request checkpoint (it is kept for inspection)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read means the file is unusable
+        raise CheckpointError(
+            f"corrupt mid-request checkpoint {path} ({type(err).__name__}); move it away to restart that request"
+        ) from None

@@ -1,0 +1,233 @@
+"""The text-to-image model parts, loaded from a local diffusers folder.
+
+One class serves Stable Diffusion 1.5 and Canvas-mini alike: a folder with ``unet/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/`` and optionally ``vae/`` (absent means the UNet works in pixel space).
+Nothing is downloaded: every ``from_pretrained`` call is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+
+from cuig_lightning.requests import concept_text
+
+TrainableGroup = Literal["xattn_kv", "xattn", "full"]
+_GROUP_PATTERNS = {
+    "xattn_kv": ("attn2.to_k.", "attn2.to_v."),
+    "xattn": ("attn2.to_q.", "attn2.to_k.", "attn2.to_v.", "attn2.to_out."),
+}
+
+
+class ModelLoadError(FileNotFoundError):
+    """The model folder is missing or incomplete."""
+
+
+def trainable_names(unet: nn.Module, group: TrainableGroup) -> list[str]:
+    """UNet parameter names in a trainable group, sorted. ``xattn_kv`` keeps weights only (as SD-1.5 has)."""
+    names = [n for n, _ in unet.named_parameters()]
+    if group == "full":
+        return sorted(names)
+    if group not in _GROUP_PATTERNS:
+        raise ValueError(f"unknown trainable group {group!r}; choose xattn_kv, xattn or full")
+    picked = [n for n in names if any(p in n for p in _GROUP_PATTERNS[group])]
+    if group == "xattn_kv":
+        picked = [n for n in picked if n.endswith(".weight")]
+    if not picked:
+        raise ValueError(f"the UNet has no parameters in group {group!r} (no cross-attention?)")
+    return sorted(picked)
+
+
+class DiffusionModel(nn.Module):
+    """UNet + text encoder + tokenizer + noise scheduler (+ VAE), with the few operations cuig needs."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, name: str = "model"):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.name = name
+        # SD's CLIP is used without an attention mask (as the diffusers pipeline does); BERT-like encoders need one.
+        self.use_attention_mask = not isinstance(text_encoder, CLIPTextModel)
+        self.max_length = min(int(tokenizer.model_max_length), 77)
+        for module in (text_encoder, vae):
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "DiffusionModel":
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model folder {path} does not exist")
+        missing = [p for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
+        if missing:
+            raise ModelLoadError(f"model folder {path} lacks {', '.join(missing)} (expected a diffusers layout)")
+        kw = {"local_files_only": True}
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
+        text_encoder = AutoModel.from_pretrained(path / "text_encoder", **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", **kw)
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", **kw)
+        vae = AutoencoderKL.from_pretrained(path / "vae", **kw) if (path / "vae").is_dir() else None
+        return cls(unet, text_encoder, tokenizer, scheduler, vae, name=fingerprint(path))
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        """Save as a diffusers folder; with a VAE it is a full ``StableDiffusionPipeline``."""
+        out = Path(out)
+        if self.vae is not None:
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            ).save_pretrained(out)
+        else:  # pixel-space model: the same layout without vae/
+            for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+                getattr(self, name).save_pretrained(out / name)
+        return out
+
+    # ----------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Per-token text embeddings (batch, tokens, dim) that condition the UNet."""
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        device = next(self.text_encoder.parameters()).device
+        mask = tokens.attention_mask.to(device) if self.use_attention_mask else None
+        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)
+        return out.last_hidden_state.float()
+
+    @torch.no_grad()
+    def concept_embeddings(self, names: list[str]) -> torch.Tensor:
+        """One vector per concept: the last hidden state of the concept's own tokens, averaged (GradProj)."""
+        tokens = self.tokenizer([concept_text(n) for n in names], padding=True, return_tensors="pt")
+        device = next(self.text_encoder.parameters()).device
+        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+        hidden = out.last_hidden_state.float()
+        special = torch.tensor(self.tokenizer.all_special_ids, device=device)
+        keep = tokens.attention_mask.to(device).bool() & ~torch.isin(tokens.input_ids.to(device), special)
+        keep = keep.unsqueeze(-1).float()
+        return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+    # ----------------------------------------------------------------- latents
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]."""
+        if self.vae is not None:
+            latents = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        generator: torch.Generator,
+        steps: int = 25,
+        guidance: float = 3.0,
+        eta: float = 0.0,
+    ) -> torch.Tensor:
+        """DDIM with classifier-free guidance; returns latents (the UNet's working space)."""
+        device = cond.device
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        shape = (cond.shape[0], *self.latent_shape)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        uncond = uncond.expand_as(cond)
+        for t in scheduler.timesteps:
+            both = self.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+            e_uncond, e_cond = both.chunk(2)
+            eps = e_uncond + guidance * (e_cond - e_uncond)
+            latents = scheduler.step(eps, t, latents, eta=eta).prev_sample
+        return latents
+
+
+def fingerprint(path: Path) -> str:
+    """A short id of a model folder from its config files and weight-file sizes (for cache keys)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            rel = file.relative_to(path).as_posix()
+            digest.update(rel.encode())
+            if file.suffix in (".json", ".txt"):
+                digest.update(file.read_bytes())
+            else:
+                stat = file.stat()
+                digest.update(str(stat.st_size).encode())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------- tiny SD-shaped model
+def _byte_vocab() -> list[str]:
+    """The 256 byte-level symbols of CLIP's BPE, so a char-level CLIP tokenizer needs no downloaded vocab."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8, dim: int = 32) -> Path:
+    """Write a random-init, SD-shaped diffusers pipeline folder (for tests and smoke runs).
+
+    UNet2DConditionModel with cross-attention, a CLIP text encoder and a character-level CLIP tokenizer
+    built offline, a tiny AutoencoderKL and a DDPM scheduler; ``StableDiffusionPipeline.from_pretrained``
+    loads the result.
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    chars = _byte_vocab()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tok_dir = out / "_tok_src"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"), model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=77,
+            bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=dim,
+        attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=sample_size * 2,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              clip_sample=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        f.unlink()
+    tok_dir.rmdir()
+    return out

@@ -1,0 +1,135 @@
+"""UnlearningModule: the diffusion model, its trainable group and the unlearning loss of one stage.
+
+The continual trainer reuses one module across stages and calls :meth:`begin_stage` before each fit;
+regularizer callbacks read ``trainable``, ``start_weights``, ``base_weights`` and ``stage`` and may add
+penalties with :meth:`add_loss_term`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Literal
+
+import lightning as L
+import torch
+
+from cuig_lightning.losses import ConAblVariant, conabl_loss
+from cuig_lightning.models.diffusion import DiffusionModel, TrainableGroup, trainable_names
+from cuig_lightning.requests import Stage
+
+Method = Literal["conabl"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the stage is stopped before its weights are saved."""
+
+
+class UnlearningModule(L.LightningModule):
+    """Erase concepts from a text-to-image diffusion model.
+
+    Args:
+        model_path: local diffusers folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``,
+            optional ``vae/``); nothing is downloaded.
+        method: base unlearning loss.
+        trainable: parameter group trained: ``xattn_kv`` (attn2 key/value weights), ``xattn`` or ``full``.
+        learning_rate: AdamW learning rate per sample; multiplied by the effective batch size when
+            ``scale_lr`` (the reference code's 2e-6 × batch size).
+        weight_decay: AdamW weight decay.
+        conabl_variant: ``model`` (anchor prediction of the current UNet) or ``noise`` (true noise).
+        anchor_preservation: weight of the optional anchor-preservation term.
+        frozen_dtype: dtype of the frozen text encoder and VAE (``bfloat16`` halves their memory).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        method: Method = "conabl",
+        trainable: TrainableGroup = "xattn_kv",
+        learning_rate: float = 2e-6,
+        scale_lr: bool = True,
+        weight_decay: float = 1e-2,
+        conabl_variant: ConAblVariant = "model",
+        anchor_preservation: float = 0.0,
+        frozen_dtype: Literal["float32", "bfloat16"] = "float32",
+    ):
+        super().__init__()
+        self.diffusion = DiffusionModel.from_pretrained(model_path)
+        self.method, self.learning_rate, self.scale_lr = method, learning_rate, scale_lr
+        self.weight_decay = weight_decay
+        self.conabl_variant, self.anchor_preservation = conabl_variant, anchor_preservation
+        if frozen_dtype == "bfloat16":
+            for part in (self.diffusion.text_encoder, self.diffusion.vae):
+                if part is not None:
+                    part.to(torch.bfloat16)
+        unet = self.diffusion.unet
+        unet.requires_grad_(False)
+        params = dict(unet.named_parameters())
+        self.trainable: dict[str, torch.nn.Parameter] = {n: params[n] for n in trainable_names(unet, trainable)}
+        for p in self.trainable.values():
+            p.requires_grad_(True)
+        self.base_weights = self.snapshot()  # θ0
+        self.start_weights = self.base_weights  # θ(n-1)*, replaced at every stage
+        self.stage: Stage | None = None
+        self._loss_terms: dict[str, Callable[[], torch.Tensor]] = {}
+        # Mid-stage checkpoints hold only the trainable tensors (see on_save_checkpoint).
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ weights
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trainable tensors."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.trainable.items()}
+
+    @torch.no_grad()
+    def load_trainable(self, weights: dict[str, torch.Tensor]) -> None:
+        if set(weights) != set(self.trainable):
+            missing, extra = set(self.trainable) - set(weights), set(weights) - set(self.trainable)
+            raise ValueError(f"weights do not match the trainable group (missing {len(missing)}, extra {len(extra)})")
+        for n, p in self.trainable.items():
+            p.copy_(weights[n].to(p.device, p.dtype))
+
+    def begin_stage(self, stage: Stage, start_weights: dict[str, torch.Tensor]) -> None:
+        """Set the weights a stage starts from; forget the previous stage's loss terms."""
+        self.load_trainable(start_weights)
+        self.start_weights = {n: w.detach().to("cpu", copy=True) for n, w in start_weights.items()}
+        self.stage = stage
+        self._loss_terms = {}
+
+    # ------------------------------------------------------------------ contract for callbacks
+    def add_loss_term(self, name: str, fn: Callable[[], torch.Tensor]) -> None:
+        """Register a penalty added to every training step's loss (used by regularizer callbacks)."""
+        self._loss_terms[name] = fn
+
+    def unlearning_loss(self, batch: dict) -> torch.Tensor:
+        if self.method == "conabl":
+            return conabl_loss(self.diffusion, batch, self.conabl_variant, self.anchor_preservation)
+        raise ValueError(f"unknown unlearning method {self.method!r}")
+
+    def trajectory_batches(self, num_timesteps: int) -> Iterator[dict]:
+        return self.trainer.datamodule.trajectory_batches(num_timesteps, self.device)
+
+    def concept_embeddings(self, names: list[str]) -> torch.Tensor:
+        return self.diffusion.concept_embeddings(names)
+
+    # ------------------------------------------------------------------ Lightning
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.unlearning_loss(batch)
+        self.log("loss/unlearn", loss.detach(), prog_bar=True)
+        for name, term in self._loss_terms.items():
+            value = term()
+            self.log(f"loss/{name}", value.detach())
+            loss = loss + value
+        if not torch.isfinite(loss):
+            where = f"request {self.stage.index + 1}" if self.stage else "training"
+            raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at {where}, step {self.global_step}")
+        return loss
+
+    def configure_optimizers(self):
+        lr = self.learning_rate
+        if self.scale_lr:
+            batch = getattr(self.trainer.datamodule, "batch_size", 1)
+            lr *= batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        return torch.optim.AdamW(self.trainable.values(), lr=lr, weight_decay=self.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Keep mid-stage checkpoints small: only the trained tensors, not the whole frozen model.
+        prefix = "diffusion.unet."
+        checkpoint["state_dict"] = {prefix + n: p.detach().cpu() for n, p in self.trainable.items()}

@@ -1,0 +1,100 @@
+"""Unlearning requests, the stages they are grouped into, and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Domain = Literal["style", "object"]
+Schedule = Literal["sequential", "simultaneous", "independent"]
+
+
+class RequestError(ValueError):
+    """A request list that cannot be run (empty, unknown or repeated concept, ...)."""
+
+
+@dataclass
+class Request:
+    """One concept to erase.
+
+    Args:
+        target: concept name as in the vocabulary, e.g. ``Van_Gogh`` (underscores read as spaces in prompts).
+        domain: ``style`` or ``object``.
+        anchor: the concept that replaces the target. Objects need one (e.g. ``Dogs`` -> ``Animals``);
+            styles default to neutral prompts without any style.
+        prompts: anchor prompts overriding the data module's defaults for this request.
+    """
+
+    target: str
+    domain: Domain = "style"
+    anchor: str | None = None
+    prompts: list[str] | None = None
+
+    @property
+    def slug(self) -> str:
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.target)
+
+
+def concept_text(name: str) -> str:
+    """How a concept name reads inside a prompt: ``Van_Gogh`` -> ``Van Gogh``."""
+    return name.replace("_", " ")
+
+
+@dataclass
+class Stage:
+    """What one ``fit`` stage erases and where it writes; handed to the module and read by callbacks.
+
+    Attributes:
+        index: 0-based position of the stage in the job.
+        requests: the requests this stage erases (several only for the ``simultaneous`` schedule).
+        erased_before: targets erased by earlier stages, in order.
+        vocabulary: the benchmark's concepts per domain, e.g. ``{"style": [...], "object": [...]}``.
+        schedule: the job's schedule.
+        request_dir: folder of this stage's results (files written here are listed in its manifest).
+        previous_dirs: finished request folders of the earlier stages, in order.
+    """
+
+    index: int
+    requests: list[Request]
+    erased_before: list[str]
+    vocabulary: dict[str, list[str]]
+    schedule: Schedule
+    request_dir: Path
+    previous_dirs: list[Path] = field(default_factory=list)
+
+    @property
+    def targets(self) -> list[str]:
+        return [r.target for r in self.requests]
+
+    @property
+    def domain(self) -> Domain:
+        return self.requests[-1].domain
+
+
+def validate_requests(requests: list[Request], vocabulary: dict[str, list[str]]) -> None:
+    if not requests:
+        raise RequestError("the request list is empty: give at least one concept to erase")
+    seen: set[str] = set()
+    for i, r in enumerate(requests):
+        if not r.target or not r.target.strip():
+            raise RequestError(f"request {i + 1} has an empty target concept")
+        if r.domain not in ("style", "object"):
+            raise RequestError(f"request {i + 1} ({r.target}) has unknown domain {r.domain!r}")
+        known = vocabulary.get(r.domain)
+        if known is not None and r.target not in known:
+            raise RequestError(
+                f"unknown {r.domain} concept {r.target!r} in request {i + 1}; known: {', '.join(known)}"
+            )
+        if r.domain == "object" and not (r.anchor or r.prompts):
+            raise RequestError(f"object request {r.target!r} needs an anchor concept (e.g. anchor: Animals)")
+        if r.target in seen:
+            raise RequestError(f"concept {r.target!r} is requested twice")
+        seen.add(r.target)
+
+
+def plan_stages(requests: list[Request], schedule: Schedule) -> list[list[Request]]:
+    """Group requests into fit stages: one per request, or one for all under ``simultaneous``."""
+    if schedule == "simultaneous":
+        return [list(requests)]
+    return [[r] for r in requests]

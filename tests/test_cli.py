@@ -1,0 +1,121 @@
+"""The command line: help, --print_config round trip, and one-line errors that change nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli, tree_digest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_and_fit_help():
+    for args in (["--help"], ["fit", "--help"], ["export", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "cuig_lightning", *args], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        assert "usage: cuig" in out.stdout or "usage:" in out.stdout
+    assert "--trainer.requests" in out.stdout or "requests" in out.stdout
+
+
+def test_print_config_round_trips(make_config, tmp_path, capsys):
+    cfg = make_config(requests=[{"target": "Van_Gogh"}])
+    assert run_cli("fit", "--config", str(cfg), "--print_config") == 0
+    printed = capsys.readouterr().out
+    parsed = yaml.safe_load(printed)
+    assert parsed["trainer"]["requests"][0]["target"] == "Van_Gogh"
+    assert parsed["model"]["trainable"] == "xattn_kv"
+    again = tmp_path / "printed.yaml"
+    again.write_text(printed)
+    assert run_cli("fit", "--config", str(again)) == 0
+    assert (tmp_path / "run" / "requests" / "01-Van_Gogh" / "manifest.json").is_file()
+
+
+def _fails_with(capsys, args, *needles) -> None:
+    code = run_cli(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) >= 1 and err[-1].startswith("cuig: error:"), err
+    for needle in needles:
+        assert needle.lower() in err[-1].lower(), err[-1]
+
+
+@pytest.mark.parametrize(
+    "requests, needle",
+    [
+        ([], "empty"),
+        ([{"target": ""}], "empty target"),
+        ([{"target": "Rembrandt"}], "unknown style concept 'Rembrandt'"),
+        ([{"target": "Van_Gogh"}, {"target": "Van_Gogh"}], "requested twice"),
+        ([{"target": "Dogs", "domain": "object"}], "needs an anchor"),
+    ],
+)
+def test_bad_requests(make_config, capsys, tmp_path, requests, needle):
+    _fails_with(capsys, ["fit", "--config", str(make_config(requests=requests))], needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_config_key(make_config, capsys, tmp_path):
+    cfg = make_config(model={"learning_rat": 1.0})
+    _fails_with(capsys, ["fit", "--config", str(cfg)], "learning_rat")
+
+
+def test_missing_model_path(make_config, capsys, tmp_path):
+    cfg = make_config(model={"model_path": str(tmp_path / "nowhere")})
+    _fails_with(capsys, ["fit", "--config", str(cfg)], "nowhere")
+
+
+def test_foreign_run_folder_and_corrupt_delta_change_nothing(make_config, capsys, tmp_path):
+    first = make_config("a.yaml", requests=[{"target": "Van_Gogh"}, {"target": "Picasso"}])
+    assert run_cli("fit", "--config", str(first)) == 0
+    run_dir = tmp_path / "run"
+    before = tree_digest(run_dir)
+
+    other = make_config("b.yaml", requests=[{"target": "Monet"}])
+    _fails_with(capsys, ["fit", "--config", str(other)], "different config")
+    assert tree_digest(run_dir) == before
+
+    delta = run_dir / "requests" / "01-Van_Gogh" / "unet_delta.safetensors"
+    data = bytearray(delta.read_bytes())
+    data[-1] ^= 0xFF
+    delta.write_bytes(bytes(data))
+    tampered = tree_digest(run_dir)
+    _fails_with(capsys, ["fit", "--config", str(first)], "sha256", "01-Van_Gogh")
+    assert tree_digest(run_dir) == tampered
+
+
+def test_corrupt_mid_request_checkpoint(make_config, capsys, tmp_path):
+    cfg = make_config(requests=[{"target": "Van_Gogh"}, {"target": "Picasso"}])
+    assert run_cli("fit", "--config", str(cfg)) == 0
+    second = tmp_path / "run" / "requests" / "02-Picasso"
+    for f in second.iterdir():  # make request 2 look interrupted, with a damaged last.ckpt
+        f.unlink()
+    partial = second / "partial" / "last.ckpt"
+    partial.parent.mkdir()
+    partial.write_bytes(b"not a checkpoint")
+    before = tree_digest(tmp_path / "run")
+    _fails_with(capsys, ["fit", "--config", str(cfg)], "corrupt mid-request checkpoint", "last.ckpt")
+    assert tree_digest(tmp_path / "run") == before
+
+
+def test_run_folder_without_owner_is_refused(make_config, capsys, tmp_path):
+    cfg = make_config(requests=[{"target": "Van_Gogh"}])
+    (tmp_path / "run" / "requests" / "01-Van_Gogh").mkdir(parents=True)
+    _fails_with(capsys, ["fit", "--config", str(cfg)], "no job.json")
+
+
+def test_nan_loss_stops_and_keeps_previous_request(make_config, capsys, tmp_path):
+    poison = [{"class_path": "tests.helpers.PoisonWeights", "init_args": {"stage": 1, "step": 1}}]
+    cfg = make_config(requests=[{"target": "Van_Gogh"}, {"target": "Picasso"}], trainer={"callbacks": poison})
+    _fails_with(capsys, ["fit", "--config", str(cfg)], "non-finite loss", "request 2")
+    first = tmp_path / "run" / "requests" / "01-Van_Gogh"
+    assert (first / "manifest.json").is_file()
+    from cuig_lightning.checkpoints import read_manifest
+
+    read_manifest(first, verify=True)
+    assert not (tmp_path / "run" / "requests" / "02-Picasso" / "manifest.json").exists()
