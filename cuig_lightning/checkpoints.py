@@ -26,7 +26,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not belong to this run."""
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -41,7 +41,7 @@ def _atomic_write(path: Path, write) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """Atomically write ``tensors`` (detached, contiguous, on CPU) as safetensors."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(cpu, tmp))
+    atomic_write(Path(path), lambda tmp: save_file(cpu, tmp))
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 def write_json(data: Any, path: str | Path) -> None:
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
 def sha256_file(path: str | Path) -> str:

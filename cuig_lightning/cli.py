@@ -18,7 +18,8 @@ from lightning.pytorch.cli import LightningCLI
 from cuig_lightning.checkpoints import CheckpointError
 from cuig_lightning.continual import ContinualTrainer, RunFolderError
 from cuig_lightning.data.anchors import UnlearningData
-from cuig_lightning.export import export_request
+from cuig_lightning.evaluation.protocol import Evaluation
+from cuig_lightning.export import evaluate_request, export_request
 from cuig_lightning.models.diffusion import ModelLoadError
 from cuig_lightning.module import NonFiniteLossError, UnlearningModule
 from cuig_lightning.requests import RequestError
@@ -42,6 +43,18 @@ class CuigTrainer(ContinualTrainer):
         print(f"exported to {path}")
 
 
+    def evaluate(self, model: UnlearningModule, datamodule: UnlearningData | None = None, request: int = -1) -> None:
+        """Evaluate a finished request of ``trainer.run_dir`` (UA / RA-I / RA-C), or the base model.
+
+        Args:
+            request: 1-based request number; -1 the last finished one; 0 the base model (style and
+                object accuracy over the full grid).
+        """
+        result = evaluate_request(model, self.run_dir, self.config_text or "", self.requests,
+                                  self.evaluation or Evaluation(), request)
+        print(json.dumps(result, indent=2))
+
+
 class CuigCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         super().__init__(
@@ -59,7 +72,8 @@ class CuigCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {"fit": {"model", "datamodule", "train_dataloaders", "val_dataloaders"},
-                "export": {"model", "datamodule"}}
+                "export": {"model", "datamodule"},
+                "evaluate": {"model", "datamodule"}}
 
     def _owned_config_text(self) -> str:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -72,7 +86,7 @@ class CuigCLI(LightningCLI):
     def before_fit(self) -> None:
         self.trainer.config_text = self._owned_config_text()
 
-    before_export = before_fit
+    before_export = before_evaluate = before_fit
 
 
 # Failures a user can cause and fix; anything else keeps its traceback. CUIG_DEBUG=1 shows tracebacks for all.

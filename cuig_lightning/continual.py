@@ -40,6 +40,8 @@ from cuig_lightning.checkpoints import (
     write_json,
     write_manifest,
 )
+from cuig_lightning.evaluation.protocol import Evaluation, drift
+from cuig_lightning.evaluation.report import write_report
 from cuig_lightning.requests import Request, Schedule, Stage, plan_stages, validate_requests
 
 
@@ -108,6 +110,7 @@ class ContinualTrainer(L.Trainer):
             input of model merging).
         run_dir: where checkpoints, manifests and logs go; re-running the same config resumes it.
         checkpoint_every: optimizer steps between mid-request checkpoints (``last.ckpt``).
+        evaluation: the UnlearnCanvas evaluation run after every request (None: no evaluation).
         **kwargs: every ``lightning.Trainer`` argument, used for each stage's Trainer.
     """
 
@@ -117,12 +120,14 @@ class ContinualTrainer(L.Trainer):
         schedule: Schedule = "sequential",
         run_dir: str = "runs/cuig",
         checkpoint_every: int = 50,
+        evaluation: Evaluation | None = None,
         **kwargs: Any,
     ):
         self.requests = list(requests or [])
         self.schedule = schedule
         self.run_dir = Path(run_dir)
         self.checkpoint_every = checkpoint_every
+        self.evaluation = evaluation
         self.config_text: str | None = None  # the resolved config, set by the CLI; its hash owns run_dir
         self._stage_kwargs = dict(kwargs)
         self._callback_templates: list[Callback] = list(kwargs.pop("callbacks", None) or [])
@@ -158,6 +163,7 @@ class ContinualTrainer(L.Trainer):
         base = model.base_weights
         current = base
         erased: list[str] = []
+        rows = []
         for i, (reqs, folder, manifest) in enumerate(zip(stages, folders, manifests)):
             stage = Stage(index=i, requests=reqs, erased_before=list(erased), vocabulary=datamodule.vocabulary,
                           schedule=self.schedule, request_dir=folder, previous_dirs=folders[:i])
@@ -166,11 +172,14 @@ class ContinualTrainer(L.Trainer):
                 rank_zero_info(f"[cuig] request {i + 1}/{len(stages)} ({', '.join(stage.targets)}): finished earlier, skipped")
             else:
                 start = current if self.schedule == "sequential" else base
-                current = self._run_stage(model, datamodule, stage, start, run)
+                current, manifest = self._run_stage(model, datamodule, stage, start, run)
             erased += stage.targets
+            rows.append({"request": i + 1, "targets": " ".join(stage.targets), **manifest.get("metrics", {})})
         model.load_trainable(current)
+        if self.is_global_zero and self.evaluation is not None:
+            rank_zero_info("\n" + write_report(self.run_dir, rows))
 
-    def _run_stage(self, model, datamodule, stage: Stage, start: dict, run: RunFolder) -> dict:
+    def _run_stage(self, model, datamodule, stage: Stage, start: dict, run: RunFolder) -> tuple[dict, dict]:
         folder = stage.request_dir
         t0 = time.time()
         trainer = self._stage_trainer(folder)
@@ -189,18 +198,38 @@ class ContinualTrainer(L.Trainer):
         if trainer.interrupted:
             raise KeyboardInterrupt
         weights = model.snapshot()
+        manifest = {}
         if trainer.is_global_zero:
+            metrics = self._evaluate(model, stage, trainer) if self.evaluation is not None else {}
             save_tensors(weights, folder / DELTA)
-            files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json") and p.name != MANIFEST)
-            write_manifest(
+            files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in _RECORDED and p.name != MANIFEST)
+            manifest = write_manifest(
                 folder, files,
                 request=[vars(r) for r in stage.requests], index=stage.index + 1, schedule=self.schedule,
                 config_hash=run.hash, trainable_keys=sorted(weights), steps=trainer.global_step,
-                wall_time_s=round(time.time() - t0, 2),
+                wall_time_s=round(time.time() - t0, 2), metrics=metrics,
             )
             shutil.rmtree(folder / "partial", ignore_errors=True)
         trainer.strategy.barrier("cuig-request-saved")
-        return weights
+        return weights, manifest
+
+    def _evaluate(self, model, stage: Stage, trainer: L.Trainer) -> dict:
+        """UA / RA-I / RA-C over every concept of this stage's domain erased so far, plus drift."""
+        t0 = time.time()
+        erased = [r.target for r in self.requests[: len(stage.erased_before) + len(stage.requests)]
+                  if r.domain == stage.domain]
+        model.to(trainer.strategy.root_device)
+        result = self.evaluation.evaluate(model.diffusion, erased, stage.domain, stage.request_dir / "samples.png")
+        metrics = {k: round(v, 3) for k, v in result.items() if k in ("UA", "RA_I", "RA_C")}
+        metrics.update({k: round(v, 6) for k, v in drift(model.snapshot(), model.base_weights).items()})
+        metrics["per_concept"] = result["per_concept"]
+        rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): "
+                       f"UA {metrics['UA']:.1f}  RA-I {metrics['RA_I']:.1f}  RA-C {metrics['RA_C']:.1f}  "
+                       f"drift {metrics['drift']:.4g} ({time.time() - t0:.0f} s evaluation)")
+        return metrics
+
+
+_RECORDED = (".safetensors", ".json", ".png")
 
 
 def _check_loadable(path: Path) -> None:

@@ -65,6 +65,11 @@ class DiffusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "DiffusionModel":
+        """Load a local diffusers folder; ``canvas-mini`` names the embedded Canvas-mini model."""
+        if str(path) == "canvas-mini":
+            from cuig_lightning.models.canvas_mini import canvas_mini_model_path
+
+            path = canvas_mini_model_path()
         path = Path(path).expanduser()
         if not path.is_dir():
             raise ModelLoadError(f"model folder {path} does not exist")

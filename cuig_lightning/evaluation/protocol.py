@@ -1,0 +1,164 @@
+"""The UnlearnCanvas evaluation protocol: generate the grid, classify it, compute UA / RA-I / RA-C and drift.
+
+Knows the prompts, seeds, sampler settings and classifiers; knows nothing of training. The continual
+trainer calls :meth:`Evaluation.evaluate` after every request; ``cuig evaluate`` calls it for any saved
+request or for the base model (``request 0``: plain style/object accuracy over the full grid).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cuig_lightning.evaluation.metrics import unlearncanvas_metrics
+from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.requests import concept_text
+
+UNLEARNCANVAS_SEEDS = [188, 288, 588, 688, 888]
+
+
+def caption(style: str, obj: str) -> str:
+    """UnlearnCanvas prompt: "A {object} image in {style} style."."""
+    return f"A {concept_text(obj)} image in {concept_text(style)} style."
+
+
+def drift(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, float]:
+    """‖θ − θ0‖ over the trainable tensors, absolute and relative to ‖θ0‖."""
+    diff = sum(float((weights[k].double() - base[k].double()).pow(2).sum()) for k in base) ** 0.5
+    norm = sum(float(base[k].double().pow(2).sum()) for k in base) ** 0.5
+    return {"drift": diff, "drift_rel": diff / norm if norm else float("nan")}
+
+
+class CanvasClassifiers:
+    """The Canvas-mini style and object classifiers (images in [0, 1], 32×32)."""
+
+    def __init__(self, directory: str | None = None):
+        from cuig_lightning.evaluation.classifiers import load_classifier
+
+        self.style = load_classifier("style", directory)
+        self.object = load_classifier("object", directory)
+        self.styles, self.objects = list(self.style.classes), list(self.object.classes)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from cuig_lightning.evaluation.classifiers import predict
+
+        x = images * 2 - 1
+        return predict(self.style, x), predict(self.object, x)
+
+
+class Evaluation:
+    """UA / RA-I / RA-C after each request, on the grid "A {object} image in {style} style." × seeds.
+
+    Args:
+        classifiers: folder of the style/object classifiers (``canvas-mini``: the shipped Canvas-mini ones).
+        retain_styles / retain_objects: retain sets (default: the Canvas-mini retain sets).
+        seeds: one image per prompt and seed (UnlearnCanvas uses 188, 288, 588, 688, 888).
+        steps / guidance: DDIM steps and classifier-free guidance of the evaluation sampler.
+        batch_size: prompts sampled at once.
+        save_samples: write a PNG grid of the first seed's images into each request folder.
+    """
+
+    def __init__(
+        self,
+        classifiers: str = "canvas-mini",
+        retain_styles: list[str] | None = None,
+        retain_objects: list[str] | None = None,
+        seeds: list[int] | None = None,
+        steps: int = 20,
+        guidance: float = 3.0,
+        batch_size: int = 96,
+        save_samples: bool = True,
+    ):
+        from cuig_lightning.data import canvas_mini
+
+        self.classifiers_spec = classifiers
+        self.retain = {"style": list(retain_styles or canvas_mini.RETAIN_STYLES),
+                       "object": list(retain_objects or canvas_mini.RETAIN_OBJECTS)}
+        self.seeds = list(seeds or UNLEARNCANVAS_SEEDS[:2])
+        self.steps, self.guidance, self.batch_size = steps, guidance, batch_size
+        self.save_samples = save_samples
+        self._classifiers: CanvasClassifiers | None = None
+
+    @property
+    def classifiers(self) -> CanvasClassifiers:
+        if self._classifiers is None:
+            self._classifiers = CanvasClassifiers(None if self.classifiers_spec == "canvas-mini" else self.classifiers_spec)
+        return self._classifiers
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, model: DiffusionModel, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        """Images in [0, 1], ordered seed-major then pair, one per (seed, pair)."""
+        device = next(model.unet.parameters()).device
+        was_training = model.unet.training
+        model.unet.eval()
+        cond_all = model.encode_text([caption(s, o) for s, o in pairs]).to(device)
+        uncond = model.encode_text([""]).to(device)
+        images = []
+        for seed in self.seeds:
+            g = torch.Generator().manual_seed(seed)
+            for chunk in cond_all.split(self.batch_size):
+                images.append(model.decode(model.sample(chunk, uncond, g, steps=self.steps, guidance=self.guidance)).cpu())
+        model.unet.train(was_training)
+        return torch.cat(images)
+
+    def grid(self, erased: list[str], domain: str) -> list[tuple[str, str]]:
+        """(style, object) pairs: erased + retain concepts of the domain × the other domain's retain set."""
+        if domain == "style":
+            return [(s, o) for s in erased + self.retain["style"] for o in self.retain["object"]]
+        return [(s, o) for s in self.retain["style"] for o in erased + self.retain["object"]]
+
+    # ------------------------------------------------------------------ metrics
+    def evaluate(self, model: DiffusionModel, erased: list[str], domain: str, sample_path: Path | None = None) -> dict:
+        """UA / RA-I / RA-C (percent) of the model with ``erased`` concepts (all of one domain)."""
+        clf = self.classifiers
+        pairs = self.grid(erased, domain)
+        images = self.generate(model, pairs)
+        pred_style, pred_object = clf.predict(images)
+        n = len(self.seeds)
+        prompt_style = torch.tensor([clf.styles.index(s) for s, _ in pairs] * n)
+        prompt_object = torch.tensor([clf.objects.index(o) for _, o in pairs] * n)
+        other = "object" if domain == "style" else "style"
+        metrics = unlearncanvas_metrics(
+            prompt_style, prompt_object, pred_style, pred_object, domain=domain, erased=erased,
+            retain=self.retain[domain], cross_retain=self.retain[other], styles=clf.styles, objects=clf.objects,
+        )
+        if sample_path is not None and self.save_samples:
+            rows = len(erased) + len(self.retain[domain])
+            save_image_grid(images[: len(pairs)], rows, sample_path)
+        return metrics
+
+    def base_accuracy(self, model: DiffusionModel, sample_path: Path | None = None) -> dict:
+        """Style and object accuracy (percent) over every style × every object (the base-model check)."""
+        clf = self.classifiers
+        pairs = [(s, o) for s in clf.styles for o in clf.objects]
+        images = self.generate(model, pairs)
+        pred_style, pred_object = clf.predict(images)
+        n = len(self.seeds)
+        true_style = torch.tensor([clf.styles.index(s) for s, _ in pairs] * n)
+        true_object = torch.tensor([clf.objects.index(o) for _, o in pairs] * n)
+        if sample_path is not None and self.save_samples:
+            save_image_grid(images[: len(pairs)], len(clf.styles), sample_path)
+        return {
+            "style_accuracy": 100.0 * float((pred_style == true_style).float().mean()),
+            "object_accuracy": 100.0 * float((pred_object == true_object).float().mean()),
+            "n_images": len(images),
+        }
+
+
+def save_image_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
+    """Write images (N, 3, H, W) in [0, 1] as a PNG with ``rows`` rows (row-major)."""
+    import matplotlib.image
+
+    n, _, h, w = images.shape
+    cols = -(-n // rows)
+    canvas = np.ones((rows * (h + 1), cols * (w + 1), 3), dtype=np.float32)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        r, c = divmod(i, cols)
+        canvas[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = img
+    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(path, canvas)

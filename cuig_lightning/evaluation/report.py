@@ -1,0 +1,57 @@
+"""Run-level report: metrics.json / metrics.csv (one row per request), a markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from cuig_lightning.checkpoints import atomic_write, write_json
+
+COLUMNS = ["request", "targets", "UA", "RA_I", "RA_C", "drift", "drift_rel"]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, rows: list[dict]) -> str:
+    """Write metrics.json, metrics.csv and metrics.png under ``run_dir``; return the markdown table."""
+    write_json(rows, run_dir / "metrics.json")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    plot_metrics(rows, run_dir / "metrics.png")
+    table = markdown_table(rows)
+    atomic_write(run_dir / "metrics.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    return table
+
+
+def plot_metrics(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [r["request"] for r in rows]
+    for key, label in (("UA", "UA"), ("RA_I", "RA-I"), ("RA_C", "RA-C")):
+        ax.plot(x, [r.get(key) for r in rows], marker="o", label=label)
+    ax.set_xlabel("request")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)

@@ -1,0 +1,60 @@
+"""Every shipped config parses, names the right concepts, and the main-table rows run (tiny smoke)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROWS = sorted((CONFIGS / "canvas_mini").glob("*.yaml"))
+METHOD_MD_STYLES = ("Abstractionism Byzantine Cartoon Cold_Warm Ukiyoe Van_Gogh Neon_Lines Picasso On_Fire "
+                    "Magic_Cube Winter Vibrant_Flow").split()
+METHOD_MD_OBJECTS = "Bears Birds Cats Dogs Fishes Frogs Jellyfish Rabbits Sandwiches Statues Towers Waterfalls".split()
+
+
+def _printed(capsys, *configs: Path) -> dict:
+    args = ["fit"] + [a for c in configs for a in ("--config", str(c))] + ["--print_config"]
+    assert run_cli(*args) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_main_table_rows_exist():
+    names = {p.stem for p in ROWS}
+    assert {"sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "merge_gradproj"} <= names
+
+
+def test_seq12_is_the_canvas_mini_sequence(capsys):
+    from cuig_lightning.data import canvas_mini
+
+    cfg = _printed(capsys, CONFIGS / "seq12.yaml")
+    assert [r["target"] for r in cfg["trainer"]["requests"]] == canvas_mini.SEQ12_STYLES
+    assert cfg["model"]["model_path"] == "canvas-mini" and cfg["trainer"]["schedule"] == "sequential"
+    assert cfg["trainer"]["evaluation"] is not None
+
+
+@pytest.mark.parametrize("domain, targets", [("style", METHOD_MD_STYLES), ("object", METHOD_MD_OBJECTS)])
+def test_unlearncanvas_configs_name_the_paper_sequences(capsys, domain, targets):
+    cfg = _printed(capsys, CONFIGS / "unlearncanvas" / f"seq12_{domain}.yaml")
+    requests = cfg["trainer"]["requests"]
+    assert [r["target"] for r in requests] == targets
+    assert {r["domain"] for r in requests} == {domain}
+    assert Path(cfg["model"]["model_path"]).is_absolute()  # a local folder, never a hub id
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda p: p.stem)
+def test_main_table_row_smoke(row, tmp_path, tiny_sd, cache_dir):
+    smoke = tmp_path / "smoke.yaml"
+    smoke.write_text(yaml.safe_dump({
+        "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": 2, "evaluation": None,
+                    "enable_progress_bar": False, "accelerator": "cpu",
+                    "requests": [{"target": "Red_Stripes"}, {"target": "Blue_Dots"}]},
+        "model": {"model_path": str(tiny_sd)},
+        "data": {"images_per_prompt": 1, "batch_size": 2, "sample_steps": 2, "cache_dir": str(cache_dir),
+                 "prompts": ["A Circle image."]},
+    }))
+    assert run_cli("fit", "--config", str(CONFIGS / "seq12.yaml"), "--config", str(row), "--config", str(smoke)) == 0
+    assert len(list((tmp_path / "run" / "requests").glob("*/manifest.json"))) == (1 if row.stem == "simultaneous" else 2)
