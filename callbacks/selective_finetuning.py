@@ -9,6 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from callbacks.masking import FrozenEntries
+
 
 def topk_mask(importance: Mapping[str, Tensor], fraction: float) -> dict[str, Tensor]:
     """One global top-k over every element of every tensor: k = round(fraction * N) ``True`` entries.
@@ -53,7 +55,7 @@ class SelectiveFineTuning(pl.Callback):
         self.num_timesteps = num_timesteps
         self.mask: dict[str, Tensor] | None = None  # bool, CPU; the state that is checkpointed
         self._stage_index: int | None = None
-        self._on_device: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (frozen, start) on the param's device
+        self._frozen = FrozenEntries()  # unselected entries, held at the stage start
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -68,7 +70,8 @@ class SelectiveFineTuning(pl.Callback):
 
     # -- hooks -------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.mask, self._stage_index, self._on_device = None, None, {}  # a checkpoint restore comes after
+        self.mask, self._stage_index = None, None  # a checkpoint restore comes after
+        self._frozen.clear()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage_index = getattr(getattr(pl_module, "stage", None), "index", None)
@@ -81,27 +84,19 @@ class SelectiveFineTuning(pl.Callback):
             self.mask = trainer.strategy.broadcast(mask, src=0)
             self._stage_index = stage_index
         self._check_mask(pl_module)
-        self._on_device = {
-            n: (~self.mask[n].to(p.device), pl_module.start_weights[n].detach().to(device=p.device, dtype=p.dtype))
-            for n, p in pl_module.trainable.items()
-        }
+        self._frozen.hold(pl_module.trainable, {n: ~m for n, m in self.mask.items()}, pl_module.start_weights)
         selected = sum(int(m.sum()) for m in self.mask.values())
         total = sum(m.numel() for m in self.mask.values())
         pl_module.print(f"SelFT: training {selected} of {total} trainable elements ({self.topk:.2%})")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        for n, p in pl_module.trainable.items():
-            if p.grad is not None:
-                p.grad.masked_fill_(self._on_device[n][0], 0.0)
+        self._frozen.zero_grads(pl_module.trainable)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        with torch.no_grad():
-            for n, p in pl_module.trainable.items():
-                frozen, start = self._on_device[n]
-                p.copy_(torch.where(frozen, start, p))
+        self._frozen.restore(pl_module.trainable)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._on_device = {}
+        self._frozen.clear()
 
     # -- helpers -----------------------------------------------------------------------------
     def _compute_mask(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:

@@ -24,6 +24,11 @@ from cuig_lightning.models.diffusion import ModelLoadError
 from cuig_lightning.module import NonFiniteLossError, UnlearningModule
 from cuig_lightning.requests import RequestError
 
+DESCRIPTION = (
+    "cuig: continual concept unlearning for text-to-image diffusion models. Subcommands below; "
+    "also `cuig pretrain` (train the Canvas-mini base model) and `cuig benchmark` (the paper's main table)."
+)
+
 # Sections of the config that decide what a run computes; their hash owns the run folder.
 _OWNED_SECTIONS = ("seed_everything", "trainer", "model", "data")
 
@@ -63,7 +68,7 @@ class CuigCLI(LightningCLI):
             trainer_class=CuigTrainer,
             save_config_callback=None,
             seed_everything_default=42,
-            parser_kwargs={"exit_on_error": False},
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
             auto_configure_optimizers=False,
             args=args,
             run=run,
@@ -94,10 +99,20 @@ KNOWN_ERRORS = (RequestError, RunFolderError, CheckpointError, ModelLoadError, N
                 FileExistsError, ValueError)
 
 
+# Commands that are not Trainer stages have their own module and parser.
+STANDALONE = {"benchmark": "cuig_lightning.benchmark"}
+
+
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        CuigCLI(args=args)
+        if argv and argv[0] in STANDALONE:
+            import importlib
+
+            importlib.import_module(STANDALONE[argv[0]]).main(argv[1:])
+        else:
+            CuigCLI(args=args)
     except KNOWN_ERRORS as err:
         if os.environ.get("CUIG_DEBUG"):
             raise

@@ -158,7 +158,8 @@ class ContinualTrainer(L.Trainer):
         # Decide the whole walk (and verify finished requests) before writing anything.
         folders = [run.request_dir(i, reqs) for i, reqs in enumerate(stages)]
         manifests = [run.finished(f) for f in folders]
-        run.claim() if self.is_global_zero else None
+        if self.is_global_zero:
+            run.claim()
 
         base = model.base_weights
         current = base
@@ -191,9 +192,8 @@ class ContinualTrainer(L.Trainer):
         last = folder / "partial" / "last.ckpt"
         resume = str(last) if last.is_file() else None
         if resume:
-            rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): resuming from {last}")
-        if resume:
             _check_loadable(last)
+            rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): resuming from {last}")
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         if trainer.interrupted:
             raise KeyboardInterrupt
