@@ -9,6 +9,15 @@ import pytest
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The test models are tiny: one thread is as fast as two and immune to OpenMP spin-waiting on a busy machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 STYLES = ["Van_Gogh", "Picasso", "Monet", "Ukiyoe"]
 OBJECTS = ["Dogs", "Cats", "Animals"]

@@ -36,15 +36,6 @@ pytestmark = [
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two OpenMP threads on two busy shared cores run the tiny UNet ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ DynamicMask, unit level
 class _Stream(IterableDataset):
     """Batch i is a function of i only, and the stream starts at the trainer's step (like the real data)."""
