@@ -100,7 +100,7 @@ KNOWN_ERRORS = (RequestError, RunFolderError, CheckpointError, ModelLoadError, N
 
 
 # Commands that are not Trainer stages have their own module and parser.
-STANDALONE = {"benchmark": "cuig_lightning.benchmark"}
+STANDALONE = {"benchmark": "cuig_lightning.benchmark", "pretrain": "cuig_lightning.pretrain"}
 
 
 def main(args: list[str] | None = None) -> None:
