@@ -13,7 +13,7 @@ along the way and ``train_log.jsonl``. ``out_dir`` then loads with
 
 Shell::
 
-    python -m cuig_lightning.pretrain --out runs/canvas_mini_base --steps 4000
+    python -m cuig_lightning.pretrain --out runs/canvas_mini_base --steps 1800
     python -m cuig_lightning.pretrain --eval-only cuig_lightning/assets/canvas_mini/model
 """
 
@@ -65,7 +65,7 @@ def grid_accuracy(
     uncond: torch.Tensor,
     seeds=EVAL_SEEDS,
     steps: int = 20,
-    guidance: float = 3.0,
+    guidance: float = 1.5,
     bf16: bool = True,
     batch_size: int = 192,
     classifiers: tuple | None = None,
@@ -123,7 +123,7 @@ def evaluate_base(
     model_folder: str | Path | None = None,
     seeds=EVAL_SEEDS,
     steps: int = 20,
-    guidance: float = 3.0,
+    guidance: float = 1.5,
     bf16: bool = True,
     device: str = "cpu",
     return_images: bool = False,
@@ -167,7 +167,7 @@ def _bare_model(unet, scheduler):
 
 def pretrain(
     out_dir: str | Path,
-    steps: int = 4000,
+    steps: int = 1800,
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
@@ -182,7 +182,7 @@ def pretrain(
     eval_every: int = 0,
     eval_seeds=(188,),
     eval_steps: int = 20,
-    eval_guidance: float = 3.0,
+    eval_guidance: float = 1.5,
     half: bool = True,
     device: str = "cpu",
     num_threads: int | None = None,
@@ -311,7 +311,7 @@ def pretrain(
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Pretrain / evaluate the Canvas-mini base model.")
     p.add_argument("--out", type=Path, default=Path("runs/canvas_mini_base"))
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-seeds", type=int, nargs="+", default=list(EVAL_SEEDS))
     p.add_argument("--eval-steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.5])
     p.add_argument("--eval-only", type=Path, default=None, help="evaluate this model folder; no training")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -59,6 +59,7 @@ class Evaluation:
         steps / guidance: DDIM steps and classifier-free guidance of the evaluation sampler.
         batch_size: prompts sampled at once.
         save_samples: write a PNG grid of the first seed's images into each request folder.
+        bf16: sample under bfloat16 autocast (about 2.5x faster on CPUs with bf16 support).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Evaluation:
         guidance: float = 3.0,
         batch_size: int = 96,
         save_samples: bool = True,
+        bf16: bool = True,
     ):
         from cuig_lightning.data import canvas_mini
 
@@ -80,6 +82,7 @@ class Evaluation:
         self.seeds = list(seeds or UNLEARNCANVAS_SEEDS[:2])
         self.steps, self.guidance, self.batch_size = steps, guidance, batch_size
         self.save_samples = save_samples
+        self.bf16 = bf16
         self._classifiers: CanvasClassifiers | None = None
 
     @property
@@ -98,10 +101,12 @@ class Evaluation:
         cond_all = model.encode_text([caption(s, o) for s, o in pairs]).to(device)
         uncond = model.encode_text([""]).to(device)
         images = []
-        for seed in self.seeds:
-            g = torch.Generator().manual_seed(seed)
-            for chunk in cond_all.split(self.batch_size):
-                images.append(model.decode(model.sample(chunk, uncond, g, steps=self.steps, guidance=self.guidance)).cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for seed in self.seeds:
+                g = torch.Generator().manual_seed(seed)
+                for chunk in cond_all.split(self.batch_size):
+                    latents = model.sample(chunk, uncond, g, steps=self.steps, guidance=self.guidance)
+                    images.append(model.decode(latents.float()).float().cpu())
         model.unet.train(was_training)
         return torch.cat(images)
 
