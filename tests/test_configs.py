@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_smoke_overlay
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROWS = sorted((CONFIGS / "canvas_mini").glob("*.yaml"))
@@ -47,14 +47,6 @@ def test_unlearncanvas_configs_name_the_paper_sequences(capsys, domain, targets)
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda p: p.stem)
 def test_main_table_row_smoke(row, tmp_path, tiny_sd, cache_dir):
-    smoke = tmp_path / "smoke.yaml"
-    smoke.write_text(yaml.safe_dump({
-        "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": 2, "evaluation": None,
-                    "enable_progress_bar": False, "accelerator": "cpu",
-                    "requests": [{"target": "Red_Stripes"}, {"target": "Blue_Dots"}]},
-        "model": {"model_path": str(tiny_sd)},
-        "data": {"images_per_prompt": 1, "batch_size": 2, "sample_steps": 2, "cache_dir": str(cache_dir),
-                 "prompts": ["A Circle image."]},
-    }))
+    smoke = write_smoke_overlay(tmp_path, tiny_sd, cache_dir, max_steps=2)
     assert run_cli("fit", "--config", str(CONFIGS / "seq12.yaml"), "--config", str(row), "--config", str(smoke)) == 0
     assert len(list((tmp_path / "run" / "requests").glob("*/manifest.json"))) == (1 if row.stem == "simultaneous" else 2)

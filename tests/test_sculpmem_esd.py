@@ -23,7 +23,7 @@ from callbacks.selective_finetuning import topk_mask
 from cuig_lightning.losses import conabl_loss, esd_target, sculpmem_loss
 from cuig_lightning.models.diffusion import DiffusionModel, trainable_names
 from cuig_lightning.module import UnlearningModule
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_smoke_overlay
 from tests.test_callbacks_lightning import FakeUnlearning, make_stage
 from tests.test_continual import _deltas
 
@@ -471,15 +471,7 @@ def test_esd_config_parses(capsys):
 
 @pytest.mark.parametrize("row", ["sequential", "merge_gradproj"])
 def test_sculpmem_row_smoke(row, tmp_path, tiny_sd, cache_dir):
-    smoke = tmp_path / "smoke.yaml"
-    smoke.write_text(yaml.safe_dump({
-        "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": 8, "evaluation": None,
-                    "enable_progress_bar": False, "accelerator": "cpu",
-                    "requests": [{"target": "Red_Stripes"}, {"target": "Blue_Dots"}]},
-        "model": {"model_path": str(tiny_sd)},
-        "data": {"images_per_prompt": 1, "batch_size": 2, "sample_steps": 2, "cache_dir": str(cache_dir),
-                 "prompts": ["A Circle image."]},
-    }))
+    smoke = write_smoke_overlay(tmp_path, tiny_sd, cache_dir, max_steps=8)
     overlay = CONFIGS / "canvas_mini_sculpmem" / f"{row}.yaml"
     args = ("--config", str(CONFIGS / "seq12.yaml"), "--config", str(overlay), "--config", str(smoke))
     assert run_cli("fit", *args) == 0
