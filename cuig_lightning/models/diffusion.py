@@ -78,7 +78,8 @@ class DiffusionModel(nn.Module):
             raise ModelLoadError(f"model folder {path} lacks {', '.join(missing)} (expected a diffusers layout)")
         kw = {"local_files_only": True}
         unet = UNet2DConditionModel.from_pretrained(path / "unet", **kw)
-        text_encoder = AutoModel.from_pretrained(path / "text_encoder", **kw)
+        # fp32 whatever the checkpoint stores (transformers 5 would keep an fp16 file's dtype)
+        text_encoder = AutoModel.from_pretrained(path / "text_encoder", dtype=torch.float32, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", **kw)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", **kw)
         vae = AutoencoderKL.from_pretrained(path / "vae", **kw) if (path / "vae").is_dir() else None
