@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from cuig_lightning.continual import RunFolderError
+
 PAPER = {  # method.md, "The paper's main result" (ConAbl, approximate)
     "sequential": (95, 20, 30), "simultaneous": (90, 70, 85), "l2": (92, 40, 75), "selft": (93, 35, 70),
     "merge": (90, 50, 85), "gradproj": (90, 60, 70), "merge_gradproj": (88, 65, 85),
@@ -68,12 +70,28 @@ class Run:
     prepare: object = None  # called just before launch; returns the last config (the tuned overlay)
 
     @property
-    def finished(self) -> bool:  # metrics.json is written when the whole job is done
-        return (self.run_dir / "metrics.json").is_file()
+    def finished(self) -> bool:
+        """metrics.json is written when the whole job is done; a run made from other config files
+        (benchmark.json, written at launch) is an error, not a finished run to reuse."""
+        if not (self.run_dir / "metrics.json").is_file():
+            return False
+        if not all(n.finished for n in self.needs):
+            return False  # its tuned overlay is not known yet; `cuig fit` checks the folder when launched
+        stamp = self.run_dir / "benchmark.json"
+        if stamp.is_file() and json.loads(stamp.read_text()) != self.stamp():
+            raise RunFolderError(f"{self.run_dir} was run from other config files; delete it to rerun")
+        return True
+
+    def all_configs(self) -> list[str]:
+        return self.configs + ([str(self.prepare())] if self.prepare else [])
+
+    def stamp(self) -> dict:
+        return {"configs": [Path(c).read_text() for c in self.all_configs()], "seed": self.seed}
 
     def arguments(self) -> list[str]:
-        configs = self.configs + ([str(self.prepare())] if self.prepare else [])
-        return ["fit", *itertools.chain.from_iterable(("--config", c) for c in configs),
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "benchmark.json").write_text(json.dumps(self.stamp(), indent=1))
+        return ["fit", *itertools.chain.from_iterable(("--config", c) for c in self.all_configs()),
                 f"--trainer.run_dir={self.run_dir}", f"--seed_everything={self.seed}", f"--data.seed={self.seed}"]
 
     def final_metrics(self) -> dict:
@@ -139,7 +157,7 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
             overlay = yaml.safe_load(path.read_text()) or {}
             for updates in candidates(tuning.grid[row]) if tuning and row in tuning.grid else []:
                 folder_ = output / "tuning" / method / row / tag(updates)
-                cfg = _write_yaml(apply_updates(overlay, updates), folder_.with_suffix(".yaml"))
+                cfg = _write_yaml(apply_updates(overlay, updates), folder_.parent / f"{folder_.name}.yaml")
                 run = Run(("tuning", method, row, tag(updates)), folder_ / f"seed{tuning.seed}",
                           [*base, str(cfg), tuning.validation], tuning.seed)
                 tuning_runs.setdefault((method, row), []).append((updates, run))

@@ -112,15 +112,17 @@ def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_pat
     root = CONFIGS.parent
     tuning = Tuning(**{**config["tuning"], "validation": str(root / config["tuning"]["validation"])})
     methods = {m: str(root / f) for m, f in config["methods"].items()}
-    runs, _ = plan([str(root / config["base"])], methods, config["rows"], config["seeds"], tmp_path, tuning)
+    runs, tuned = plan([str(root / config["base"])], methods, config["rows"], config["seeds"], tmp_path, tuning)
     tuning_runs = [r for r in runs if r.key[0] == "tuning"]
     per_method = sum(len(candidates(g)) for g in tuning.grid.values())
     assert len(tuning_runs) == 2 * per_method and len(runs) - len(tuning_runs) == 2 * 8 * 3
-    for run in tuning_runs:  # every candidate overlay really carries its value
-        overlay = yaml.safe_load(Path(run.configs[-2]).read_text())
-        values = {k: v for cb in overlay["trainer"]["callbacks"] for k, v in cb.get("init_args", {}).items()}
-        for args in candidates(tuning.grid[run.key[2]])[0].values():
-            assert set(args) <= set(values)
+    assert len({run.configs[-2] for run in tuning_runs}) == len(tuning_runs)  # one overlay file per candidate
+    for (method, row), pairs in tuned["runs"].items():
+        for updates, run in pairs:  # each file really carries its candidate's values
+            overlay = yaml.safe_load(Path(run.configs[-2]).read_text())
+            got = {cb["class_path"].split(".")[-1]: cb.get("init_args", {}) for cb in overlay["trainer"]["callbacks"]}
+            for cls, args in updates.items():
+                assert {k: got[cls][k] for k in args} == args, (method, row, run.key)
     validation = yaml.safe_load(Path(tuning.validation).read_text())["trainer"]
     targets = {r["target"] for r in validation["requests"]}
     retained = set(validation["evaluation"]["retain_styles"])
