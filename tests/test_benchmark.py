@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cuig_lightning.benchmark import Tuning, apply_updates, candidates, choose, pearson, run_benchmark
+from cuig_lightning.benchmark import Tuning, apply_updates, candidates, choose, pearson, plan, run_benchmark
+from cuig_lightning.continual import RunFolderError
+from tests.conftest import tree_digest
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -52,11 +54,11 @@ def _tiny_base(tmp_path: Path, tiny_sd: Path, cache_dir: Path, requests: int = 3
 
 def test_short_benchmark_writes_table_and_plots(tmp_path, tiny_sd, cache_dir):
     report = tmp_path / "results"
-    table = run_benchmark(
-        base=str(_tiny_base(tmp_path, tiny_sd, cache_dir)),
-        methods={"conabl": str(CONFIGS / "canvas_mini"), "sculpmem": str(CONFIGS / "canvas_mini_sculpmem")},
-        rows=["sequential", "l2"], seeds=[0], output=str(tmp_path / "runs"), report=str(report),
-    )
+    base = _tiny_base(tmp_path, tiny_sd, cache_dir)
+    kwargs = dict(base=str(base), rows=["sequential", "l2"], seeds=[0], output=str(tmp_path / "runs"),
+                  methods={"conabl": str(CONFIGS / "canvas_mini"), "sculpmem": str(CONFIGS / "canvas_mini_sculpmem")},
+                  report=str(report))
+    table = run_benchmark(**kwargs)
     text = table.read_text()
     for method in ("conabl", "sculpmem"):
         for row in ("sequential", "l2"):
@@ -69,6 +71,15 @@ def test_short_benchmark_writes_table_and_plots(tmp_path, tiny_sd, cache_dir):
     assert len(lines) == 1 + 4 * 3  # header + 4 runs x 3 requests
     summary = json.loads((report / "summary.json").read_text())
     assert set(summary["rows"]) == {f"{m}/{r}" for m in ("conabl", "sculpmem") for r in ("sequential", "l2")}
+
+    # a finished run is reused only while its configs are unchanged; otherwise one error, nothing touched
+    before = tree_digest(tmp_path / "runs")
+    config = yaml.safe_load(base.read_text())
+    config["model"]["learning_rate"] = 3.0e-5
+    base.write_text(yaml.safe_dump(config))
+    with pytest.raises(RunFolderError, match="other config files"):
+        run_benchmark(**kwargs)
+    assert tree_digest(tmp_path / "runs") == before
 
 
 def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_dir, monkeypatch):
@@ -105,7 +116,6 @@ def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_d
 
 
 def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_path):
-    from cuig_lightning.benchmark import plan
     from cuig_lightning.data import canvas_mini
 
     config = yaml.safe_load((CONFIGS / "paper" / "main_table.yaml").read_text())
