@@ -304,8 +304,15 @@ def write_tuning_report(tuned: dict, tuning: Tuning, out: Path) -> None:
 
 
 def _load_rows(run_dir: Path) -> list[dict]:
+    """A run's per-request metrics, each with ``erased``: the concepts erased so far (a simultaneous
+    run's one request erases them all)."""
     path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    erased = 0
+    for row in rows:
+        erased += len(row["targets"].split())
+        row["erased"] = erased
+    return rows
 
 
 def _mean(values: list[float]) -> float:
@@ -331,14 +338,14 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 
 def mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
-    """Per-request mean of ``key`` over seeds, up to the shortest curve."""
+    """Mean of ``key`` over seeds against the number of concepts erased, up to the shortest curve."""
     length = min(len(c) for c in curves)
-    return ([curves[0][k]["request"] for k in range(length)],
+    return ([curves[0][k]["erased"] for k in range(length)],
             [_mean([c[k][key] for c in curves if key in c[k]]) for k in range(length)])
 
 
-def collapse_request(curves: list[list[dict]], threshold: float = 50.0) -> int | None:
-    """The first request after which the seed-mean RA-I is below ``threshold`` (None: never)."""
+def collapse_point(curves: list[list[dict]], threshold: float = 50.0) -> int | None:
+    """The number of erased concepts from which the seed-mean RA-I is below ``threshold`` (None: never)."""
     xs, ys = mean_curve(curves, "RA_I")
     return next((x for x, y in zip(xs, ys) if y < threshold), None)
 
@@ -366,7 +373,7 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str) -> Path:
         for row in rows:
             finals = [c[-1] for c in curves(method, row)]
             paper = "/".join(f"~{v}" for v in PAPER[row]) if method == "conabl" and row in PAPER else ""
-            collapse = collapse_request(curves(method, row)) if finals else None
+            collapse = collapse_point(curves(method, row)) if finals else None
             lines.append(f"| {method} | {row} | {len(finals)} | " + " | ".join(
                 _mean_std([f[k] for f in finals if k in f]) for k in METRICS
             ) + f" | {_mean_std([100 * f['drift_rel'] for f in finals if 'drift_rel' in f])}% | "
@@ -375,11 +382,12 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str) -> Path:
                 summary["rows"][f"{method}/{row}"] = {
                     "seeds": len(finals), **{k: _mean([f[k] for f in finals]) for k in METRICS},
                     "drift_rel": _mean([f["drift_rel"] for f in finals if "drift_rel" in f]),
-                    "collapse_request": collapse}
+                    "RA_I_below_50_from": collapse}
     table = "\n".join(lines)
     (out / "main_table.md").write_text(
         f"# Main table on Canvas-mini (after the last request; mean ± std over seeds)\n\n{table}\n\n"
-        "`RA-I < 50 from`: the first request after which the seed-mean RA-I is below 50%.\n"
+        "`RA-I < 50 from`: the number of erased styles from which the seed-mean RA-I is below 50% "
+        "(a simultaneous run erases all 12 in one request).\n"
         f"Made by `cuig benchmark` from `{base}`; per-request metrics of every run in per_request.csv.\n"
     )
     buffer = io.StringIO()
@@ -398,9 +406,10 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str) -> Path:
             ax = axes[i][j]
             for row in rows:
                 if curves(method, row):
-                    ax.plot(*mean_curve(curves(method, row), key), marker="o", ms=3, label=row)
+                    xs, ys = mean_curve(curves(method, row), key)
+                    ax.plot(xs, ys, marker="o" if len(xs) > 1 else "*", ms=3 if len(xs) > 1 else 11, label=row)
             ax.set_title(f"{method}: {key.replace('_', '-')}")
-            ax.set_xlabel("request")
+            ax.set_xlabel("styles erased (= request number; simultaneous: one request, ★)")
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
         axes[i][0].legend(fontsize=7)
