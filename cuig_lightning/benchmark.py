@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,7 @@ class Run:
     configs: list[str]
     seed: int
     needs: list[Run] = field(default_factory=list)
-    prepare: object = None  # called just before launch; returns the last config (the tuned overlay)
+    prepare: Callable[[], Path] | None = None  # at launch: writes and returns the tuned overlay (last config)
 
     @property
     def finished(self) -> bool:
@@ -156,9 +157,9 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
                 raise FileNotFoundError(f"no overlay {path} for row {row!r} of method {method!r}")
             overlay = yaml.safe_load(path.read_text()) or {}
             for updates in candidates(tuning.grid[row]) if tuning and row in tuning.grid else []:
-                folder_ = output / "tuning" / method / row / tag(updates)
-                cfg = _write_yaml(apply_updates(overlay, updates), folder_.parent / f"{folder_.name}.yaml")
-                run = Run(("tuning", method, row, tag(updates)), folder_ / f"seed{tuning.seed}",
+                candidate_dir = output / "tuning" / method / row / tag(updates)
+                cfg = _write_yaml(apply_updates(overlay, updates), candidate_dir.parent / f"{candidate_dir.name}.yaml")
+                run = Run(("tuning", method, row, tag(updates)), candidate_dir / f"seed{tuning.seed}",
                           [*base, str(cfg), tuning.validation], tuning.seed)
                 tuning_runs.setdefault((method, row), []).append((updates, run))
     choices: dict[tuple[str, str], dict] = {}
@@ -345,7 +346,7 @@ def mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[floa
 
 
 def collapse_point(curves: list[list[dict]], threshold: float = 50.0) -> int | None:
-    """The number of erased concepts from which the seed-mean RA-I is below ``threshold`` (None: never)."""
+    """The number of erased concepts at which the seed-mean RA-I first drops below ``threshold`` (None: never)."""
     xs, ys = mean_curve(curves, "RA_I")
     return next((x for x, y in zip(xs, ys) if y < threshold), None)
 
@@ -366,7 +367,7 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str) -> Path:
     def curves(method: str, row: str) -> list[list[dict]]:
         return [res for (m, r, _), res in results.items() if m == method and r == row and res]
 
-    lines = ["| method | row | seeds | UA | RA-I | RA-C | drift (rel) | RA-I < 50 from | paper UA / RA-I / RA-C |",
+    lines = ["| method | row | seeds | UA | RA-I | RA-C | drift (rel) | RA-I < 50 first at | paper UA / RA-I / RA-C |",
              "|---|---|---|---|---|---|---|---|---|"]
     summary: dict = {"rows": {}}
     for method in methods:
@@ -386,7 +387,7 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str) -> Path:
     table = "\n".join(lines)
     (out / "main_table.md").write_text(
         f"# Main table on Canvas-mini (after the last request; mean ± std over seeds)\n\n{table}\n\n"
-        "`RA-I < 50 from`: the number of erased styles from which the seed-mean RA-I is below 50% "
+        "`RA-I < 50 first at`: the number of erased styles at which the seed-mean RA-I first drops below 50% "
         "(a simultaneous run erases all 12 in one request).\n"
         f"Made by `cuig benchmark` from `{base}`; per-request metrics of every run in per_request.csv.\n"
     )
