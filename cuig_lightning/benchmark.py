@@ -489,7 +489,7 @@ def similarity_plot(results: dict, path: Path, base: str) -> dict[str, float]:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return {"similarity_vs_RA_I_r": r, "similarity_vs_RA_I_r_within_request": pearson(*centred),
-            "similarity_vs_RA_I_r_last_request": r_last}
+            "similarity_vs_RA_I_r_last_request": r_last, "similarity_points": len(every[0])}
 
 
 def main(args: list[str] | None = None) -> None:
