@@ -21,7 +21,6 @@ import io
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -59,7 +58,7 @@ class Tuning:
     min_ua: float = 80.0
 
 
-@dataclass
+@dataclass(eq=False)  # runs are compared by identity (needs, failed lists)
 class Run:
     """One ``cuig fit`` of the benchmark: configs in order, the seed, and the tuning runs it waits for."""
 
@@ -69,11 +68,14 @@ class Run:
     seed: int
     needs: list[Run] = field(default_factory=list)
     prepare: Callable[[], Path] | None = None  # at launch: writes and returns the tuned overlay (last config)
+    _finished: bool = field(default=False, init=False, repr=False)  # once true it stays true: polled every second
 
     @property
     def finished(self) -> bool:
         """metrics.json is written when the whole job is done; a run made from other config files
         (benchmark.json, written at launch) is an error, not a finished run to reuse."""
+        if self._finished:
+            return True
         if not (self.run_dir / "metrics.json").is_file():
             return False
         if not all(n.finished for n in self.needs):
@@ -81,6 +83,7 @@ class Run:
         stamp = self.run_dir / "benchmark.json"
         if stamp.is_file() and json.loads(stamp.read_text()) != self.stamp():
             raise RunFolderError(f"{self.run_dir} was run from other config files; delete it to rerun")
+        self._finished = True
         return True
 
     def all_configs(self) -> list[str]:
@@ -206,16 +209,19 @@ def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
     failed: list[Run] = []
     total, done, t0 = len(pending), 0, time.time()
     while pending or running:
+        progressed = False
         for run in list(pending):
             if len(running) >= jobs:
                 break
             if any(n in failed for n in run.needs):
                 pending.remove(run)
                 failed.append(run)
+                progressed = True
                 continue
             if not all(n.finished for n in run.needs):
                 continue
             pending.remove(run)
+            progressed = True
             print(f"[benchmark] start {'/'.join(map(str, run.key))} -> {run.run_dir}", flush=True)
             if jobs == 1:
                 cuig(run.arguments())
@@ -224,22 +230,22 @@ def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
             run.run_dir.parent.mkdir(parents=True, exist_ok=True)
             with open(run.run_dir.with_suffix(".log"), "ab") as log:
                 process = subprocess.Popen([sys.executable, "-m", "cuig_lightning", *run.arguments()],
-                                           stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                           stdout=log, stderr=subprocess.STDOUT)
             running[process.pid] = (run, process)
         for pid, (run, process) in list(running.items()):
             if process.poll() is None:
                 continue
             del running[pid]
             done += 1
-            status = "done" if process.returncode == 0 and run.finished else f"FAILED (exit {process.returncode})"
-            if "FAILED" in status:
+            progressed = True
+            ok = process.returncode == 0 and run.finished
+            if not ok:
                 failed.append(run)
-            print(f"[benchmark] {status} {'/'.join(map(str, run.key))} ({done}/{total}, "
+            print(f"[benchmark] {'done' if ok else f'FAILED (exit {process.returncode})'} {'/'.join(map(str, run.key))} ({done}/{total}, "
                   f"{time.time() - t0:.0f} s)", flush=True)
         if running:
             time.sleep(1)
-        elif pending and not any(all(n.finished for n in r.needs) or any(n in failed for n in r.needs)
-                                 for r in pending):
+        elif pending and not progressed:
             raise RuntimeError("benchmark runs wait on runs that never ran")  # a bug in plan(), not user input
     return failed
 
