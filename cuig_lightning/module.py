@@ -148,7 +148,7 @@ class UnlearningModule(L.LightningModule):
         return self.trainer.datamodule.trajectory_batches(num_timesteps, self.device)
 
     def concept_embeddings(self, names: list[str]) -> torch.Tensor:
-        return self.diffusion.concept_embeddings(names)
+        return self.diffusion.concept_embeddings(names, self.stage.domain if self.stage is not None else "style")
 
     # ------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:

@@ -41,6 +41,17 @@ def concept_text(name: str) -> str:
     return name.replace("_", " ")
 
 
+#: The style class of style-less images (Canvas-mini's neutral look); its caption names no style.
+NEUTRAL_STYLE = "Neutral"
+
+
+def caption(style: str | None, obj: str) -> str:
+    """UnlearnCanvas prompt ``"A Circle image in Van Gogh style."``; no style (``None`` or ``Neutral``): ``"A Circle image."``."""
+    if style is None or style == NEUTRAL_STYLE:
+        return f"A {concept_text(obj)} image."
+    return f"A {concept_text(obj)} image in {concept_text(style)} style."
+
+
 @dataclass
 class Stage:
     """What one ``fit`` stage erases and where it writes; handed to the module and read by callbacks.

@@ -1,4 +1,4 @@
-"""Canvas-mini world, its classifiers and the UnlearnCanvas metrics."""
+"""The UnlearnCanvas metrics and the Canvas-mini classifiers (the world itself: test_canvas_mini_world.py)."""
 
 from __future__ import annotations
 
@@ -9,62 +9,9 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from cuig_lightning.data import canvas_mini as cm
-from cuig_lightning.evaluation import classifiers as clf
+from cuig_lightning.canvas_mini import classifiers as clf
+from cuig_lightning.canvas_mini import world as cm
 from cuig_lightning.evaluation.metrics import per_concept_accuracy, retain_accuracy, unlearn_accuracy, unlearncanvas_metrics
-
-# ------------------------------------------------------------------------------------------ world
-
-
-def test_vocabulary_layout():
-    assert len(cm.STYLES) >= 24 and len(set(cm.STYLES)) == len(cm.STYLES)
-    assert len(cm.OBJECTS) >= 8 and cm.RETAIN_OBJECTS == cm.OBJECTS
-    assert len(cm.SEQ12_STYLES) == 12 and len(set(cm.SEQ12_STYLES)) == 12
-    assert set(cm.SEQ12_STYLES) | set(cm.RETAIN_STYLES) == set(cm.STYLES)
-    assert not set(cm.SEQ12_STYLES) & set(cm.RETAIN_STYLES) and len(cm.RETAIN_STYLES) >= 12
-    erased_palettes = {cm.palette_of(s) for s in cm.SEQ12_STYLES}
-    erased_patterns = {cm.pattern_of(s) for s in cm.SEQ12_STYLES}
-    for s in cm.RETAIN_STYLES:  # every retained style looks like some erased one
-        assert cm.palette_of(s) in erased_palettes and cm.pattern_of(s) in erased_patterns
-
-
-def test_caption():
-    assert cm.caption("Red_Stripes", "Circle") == "A Circle image in Red Stripes style."
-
-
-def test_generator_deterministic_per_seed():
-    a, sa, oa = cm.make_dataset(2, seed=3)
-    b, sb, ob = cm.make_dataset(2, seed=3)
-    c, _, _ = cm.make_dataset(2, seed=4)
-    assert np.array_equal(a, b) and np.array_equal(sa, sb) and np.array_equal(oa, ob)
-    assert not np.array_equal(a, c)
-    assert (a != c).reshape(len(a), -1).any(1).mean() > 0.95  # almost every image differs
-    assert np.array_equal(cm.draw("Teal_Dots", "Star", 11), cm.draw("Teal_Dots", "Star", 11))
-    assert not np.array_equal(cm.draw("Teal_Dots", "Star", 11), cm.draw("Teal_Dots", "Star", 12))
-    x, s, o = cm.sample_batch(16, np.random.default_rng(5))
-    y, s2, o2 = cm.sample_batch(16, np.random.default_rng(5))
-    assert np.array_equal(x, y) and np.array_equal(s, s2) and np.array_equal(o, o2)
-
-
-def test_every_pair_drawable_with_its_colours():
-    imgs, s_idx, o_idx = cm.make_dataset(2, seed=0)
-    n = len(cm.STYLES) * len(cm.OBJECTS) * 2
-    assert imgs.shape == (n, 32, 32, 3) and imgs.dtype == np.uint8
-    assert {(a, b) for a, b in zip(s_idx, o_idx)} == {(a, b) for a in range(len(cm.STYLES)) for b in range(len(cm.OBJECTS))}
-    for img, s in zip(imgs, s_idx):
-        pattern, base, obj = (np.array(c, dtype=np.uint8) for c in cm.PALETTES[cm.palette_of(cm.STYLES[s])])
-        count = lambda col: int((img == col).all(-1).sum())  # noqa: E731
-        assert count(obj) >= 80  # a large object (the smallest, Star, has ~95-160 solid pixels)
-        assert count(pattern) >= 60 and count(base) >= 60  # the texture is visible around it
-    t = cm.to_tensor(imgs)
-    assert t.shape == (n, 3, 32, 32) and t.min() >= -1 and t.max() <= 1
-    assert np.array_equal(cm.from_tensor(t), imgs)
-
-
-def test_unknown_concept_rejected():
-    with pytest.raises(KeyError):
-        cm.draw("Van_Gogh", "Circle", 0)
-
 
 # ---------------------------------------------------------------------------------------- metrics
 
@@ -126,21 +73,21 @@ def test_metrics_several_erased_is_mean_over_concepts():
 
 def test_metrics_balanced_grid_matches_micro_accuracy():
     g = torch.Generator().manual_seed(0)
-    ns, no, seeds = len(cm.STYLES), len(cm.OBJECTS), 3
+    ns, no, seeds = len(cm.STYLE_CLASSES), len(cm.OBJECTS), 3
     ps = torch.arange(ns).repeat_interleave(no * seeds)
     po = torch.arange(no).repeat_interleave(seeds).repeat(ns)
     qs = torch.where(torch.rand(len(ps), generator=g) < 0.7, ps, torch.randint(0, ns, ps.shape, generator=g))
     qo = torch.where(torch.rand(len(po), generator=g) < 0.6, po, torch.randint(0, no, po.shape, generator=g))
-    erased = cm.SEQ12_STYLES[:4]
-    m = unlearncanvas_metrics(ps, po, qs, qo, domain="style", erased=erased, retain=cm.RETAIN_STYLES, cross_retain=cm.OBJECTS)
+    erased, retain_styles = cm.STYLES[:4], cm.STYLES[10:22]
+    m = unlearncanvas_metrics(ps, po, qs, qo, domain="style", erased=erased, retain=retain_styles, cross_retain=cm.OBJECTS)
     micro = MulticlassAccuracy(num_classes=ns, average="micro")
-    r = torch.isin(ps, torch.tensor([cm.STYLES.index(s) for s in cm.RETAIN_STYLES]))
+    r = torch.isin(ps, torch.tensor([cm.STYLES.index(s) for s in retain_styles]))
     assert m["RA_I"] == pytest.approx(100 * micro(qs[r], ps[r]).item(), abs=1e-4)
     kept = r | torch.isin(ps, torch.tensor([cm.STYLES.index(s) for s in erased]))
     assert m["RA_C"] == pytest.approx(100 * MulticlassAccuracy(no, average="micro")(qo[kept], po[kept]).item(), abs=1e-4)
     e_idx = [cm.STYLES.index(s) for s in erased]
     assert m["UA"] == pytest.approx(unlearn_accuracy(ps, qs, e_idx, ns), abs=1e-4)
-    assert m["RA_I"] == pytest.approx(retain_accuracy(ps[kept], qs[kept], [cm.STYLES.index(s) for s in cm.RETAIN_STYLES], ns), abs=1e-4)
+    assert m["RA_I"] == pytest.approx(retain_accuracy(ps[kept], qs[kept], [cm.STYLES.index(s) for s in retain_styles], ns), abs=1e-4)
     acc, n = per_concept_accuracy(ps, qs, ns)
     manual = torch.stack([(qs[ps == c] == c).float().mean() for c in range(ns)])
     assert torch.allclose(acc, manual) and (n == no * seeds).all()
@@ -194,8 +141,6 @@ def test_augment_keeps_range_and_is_seeded():
 
 @pytest.mark.parametrize("kind", ["style", "object"])
 def test_shipped_classifiers_are_accurate(kind):
-    if not (clf.DEFAULT_DIR / f"{kind}.safetensors").is_file():
-        pytest.skip("shipped classifiers not present")
     model = clf.load_classifier(kind)
     assert model.classes == clf.class_names(kind)
     assert clf.held_out_accuracy(model, kind, n_per_class=2, seed=123) >= 0.98

@@ -28,10 +28,12 @@ def test_main_table_rows_exist():
 
 
 def test_seq12_is_the_canvas_mini_sequence(capsys):
-    from cuig_lightning.data import canvas_mini
+    from cuig_lightning.canvas_mini import world
 
     cfg = _printed(capsys, CONFIGS / "seq12.yaml")
-    assert [r["target"] for r in cfg["trainer"]["requests"]] == canvas_mini.SEQ12_STYLES
+    targets = [r["target"] for r in cfg["trainer"]["requests"]]
+    assert len(targets) == 12 and set(targets) <= set(world.STYLES)
+    assert cfg["data"]["vocabulary"] == {"style": world.STYLES, "object": world.OBJECTS}
     assert cfg["model"]["model_path"] == "canvas-mini" and cfg["trainer"]["schedule"] == "sequential"
     assert cfg["trainer"]["evaluation"] is not None
 

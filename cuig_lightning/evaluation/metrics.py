@@ -3,7 +3,7 @@
 Input: one entry per generated image of the evaluation grid, with the style and object it was
 *prompted* with ("A {object} image in {style} style.", any number of seeds) and the labels the
 style and object classifiers *predicted*; all four as class indices into the vocabularies
-(``canvas_mini.STYLES`` / ``canvas_mini.OBJECTS`` by default).
+(Canvas-mini's ``world.STYLE_CLASSES`` / ``world.OBJECTS`` by default).
 
 Definitions (those of the paper's evaluation code, ``Evaluation/UnlearnCanvas/evaluate.py`` in
 CUIG, which follows UnlearnCanvas). A request's *domain* is the domain of the erased concepts:
@@ -43,9 +43,9 @@ Domain = Literal["style", "object"]
 
 
 def _default_vocab(domain_kind: Domain) -> list[str]:
-    from cuig_lightning.data import canvas_mini
+    from cuig_lightning.canvas_mini import world
 
-    return list(canvas_mini.STYLES if domain_kind == "style" else canvas_mini.OBJECTS)
+    return list(world.STYLE_CLASSES if domain_kind == "style" else world.OBJECTS)
 
 
 def _as_long(x: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:

@@ -14,14 +14,9 @@ import torch
 
 from cuig_lightning.evaluation.metrics import unlearncanvas_metrics
 from cuig_lightning.models.diffusion import DiffusionModel
-from cuig_lightning.requests import concept_text
+from cuig_lightning.requests import NEUTRAL_STYLE, caption
 
 UNLEARNCANVAS_SEEDS = [188, 288, 588, 688, 888]
-
-
-def caption(style: str, obj: str) -> str:
-    """UnlearnCanvas prompt: "A {object} image in {style} style."."""
-    return f"A {concept_text(obj)} image in {concept_text(style)} style."
 
 
 def drift(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -35,7 +30,7 @@ class CanvasClassifiers:
     """The Canvas-mini style and object classifiers (images in [0, 1], 32×32)."""
 
     def __init__(self, directory: str | None = None):
-        from cuig_lightning.evaluation.classifiers import load_classifier
+        from cuig_lightning.canvas_mini.classifiers import load_classifier
 
         self.style = load_classifier("style", directory)
         self.object = load_classifier("object", directory)
@@ -43,7 +38,7 @@ class CanvasClassifiers:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from cuig_lightning.evaluation.classifiers import predict
+        from cuig_lightning.canvas_mini.classifiers import predict
 
         x = images * 2 - 1
         return predict(self.style, x), predict(self.object, x)
@@ -54,7 +49,7 @@ class Evaluation:
 
     Args:
         classifiers: folder of the style/object classifiers (``canvas-mini``: the shipped Canvas-mini ones).
-        retain_styles / retain_objects: retain sets (default: the Canvas-mini retain sets).
+        retain_styles / retain_objects: the retain sets (RA-I / RA-C); required to evaluate a request.
         seeds: one image per prompt and seed (UnlearnCanvas uses 188, 288, 588, 688, 888).
         steps / guidance: DDIM steps and classifier-free guidance of the evaluation sampler.
         batch_size: prompts sampled at once.
@@ -74,11 +69,8 @@ class Evaluation:
         save_samples: bool = True,
         bf16: bool = True,
     ):
-        from cuig_lightning.data import canvas_mini
-
         self.classifiers_spec = classifiers
-        self.retain = {"style": list(retain_styles or canvas_mini.RETAIN_STYLES),
-                       "object": list(retain_objects or canvas_mini.RETAIN_OBJECTS)}
+        self.retain = {"style": list(retain_styles or []), "object": list(retain_objects or [])}
         self.seeds = list(seeds or UNLEARNCANVAS_SEEDS[:2])
         self.steps, self.guidance, self.batch_size = steps, guidance, batch_size
         self.save_samples = save_samples
@@ -112,6 +104,9 @@ class Evaluation:
 
     def grid(self, erased: list[str], domain: str) -> list[tuple[str, str]]:
         """(style, object) pairs: erased + retain concepts of the domain × the other domain's retain set."""
+        missing = [d for d in ("style", "object") if not self.retain[d]]
+        if missing:
+            raise ValueError(f"evaluation needs retain sets: set trainer.evaluation.retain_{missing[0]}s")
         if domain == "style":
             return [(s, o) for s in erased + self.retain["style"] for o in self.retain["object"]]
         return [(s, o) for s in self.retain["style"] for o in erased + self.retain["object"]]
@@ -137,7 +132,11 @@ class Evaluation:
         return metrics
 
     def base_accuracy(self, model: DiffusionModel, sample_path: Path | None = None) -> dict:
-        """Style and object accuracy (percent) over every style × every object (the base-model check)."""
+        """Style and object accuracy (percent) over every style class × every object (the base-model check).
+
+        A style class without a style (Canvas-mini's neutral look) is prompted without one and counts
+        apart, as ``neutral_accuracy``.
+        """
         clf = self.classifiers
         pairs = [(s, o) for s in clf.styles for o in clf.objects]
         images = self.generate(model, pairs)
@@ -145,13 +144,21 @@ class Evaluation:
         n = len(self.seeds)
         true_style = torch.tensor([clf.styles.index(s) for s, _ in pairs] * n)
         true_object = torch.tensor([clf.objects.index(o) for _, o in pairs] * n)
+        style_ok, object_ok = pred_style == true_style, pred_object == true_object
+        styled = torch.tensor([s != NEUTRAL_STYLE for s, _ in pairs] * n)
         if sample_path is not None and self.save_samples:
             save_image_grid(images[: len(pairs)], len(clf.styles), sample_path)
-        return {
-            "style_accuracy": 100.0 * float((pred_style == true_style).float().mean()),
-            "object_accuracy": 100.0 * float((pred_object == true_object).float().mean()),
+        per_style = {s: 100.0 * float(style_ok[true_style == i].float().mean()) for i, s in enumerate(clf.styles)}
+        result = {
+            "style_accuracy": 100.0 * float(style_ok[styled].float().mean()),
+            "object_accuracy": 100.0 * float(object_ok.float().mean()),
             "n_images": len(images),
+            "per_style": per_style,
+            "per_object": {o: 100.0 * float(object_ok[true_object == i].float().mean()) for i, o in enumerate(clf.objects)},
         }
+        if not bool(styled.all()):
+            result["neutral_accuracy"] = per_style[NEUTRAL_STYLE]
+        return result
 
 
 def save_image_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:

@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel
 
+from cuig_lightning.canvas_mini.paths import canvas_mini_model_path
 from cuig_lightning.requests import concept_text
 
 TrainableGroup = Literal["xattn_kv", "xattn", "full"]
@@ -56,8 +57,10 @@ class DiffusionModel(nn.Module):
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.name = name
-        # SD's CLIP is used without an attention mask (as the diffusers pipeline does); BERT-like encoders need one.
-        self.use_attention_mask = not isinstance(text_encoder, CLIPTextModel)
+        # SD's CLIP is causal and its UNet attends to every position, padding included (the diffusers pipeline
+        # passes no mask). A bidirectional (BERT-like) encoder gets a causal mask so that it conditions the same way:
+        # a token's state never depends on the words after it.
+        self.causal_mask = not isinstance(text_encoder, CLIPTextModel)
         self.max_length = min(int(tokenizer.model_max_length), 77)
         for module in (text_encoder, vae):
             if module is not None:
@@ -67,8 +70,6 @@ class DiffusionModel(nn.Module):
     def from_pretrained(cls, path: str | Path) -> "DiffusionModel":
         """Load a local diffusers folder; ``canvas-mini`` names the embedded Canvas-mini model."""
         if str(path) == "canvas-mini":
-            from cuig_lightning.models.canvas_mini import canvas_mini_model_path
-
             path = canvas_mini_model_path()
         path = Path(path).expanduser()
         if not path.is_dir():
@@ -103,26 +104,34 @@ class DiffusionModel(nn.Module):
     # ----------------------------------------------------------------- text
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Per-token text embeddings (batch, tokens, dim) that condition the UNet."""
+        """Per-token text states ``(batch, max_length, dim)`` that condition the UNet, padding positions included."""
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
         device = next(self.text_encoder.parameters()).device
-        mask = tokens.attention_mask.to(device) if self.use_attention_mask else None
+        mask = None
+        if self.causal_mask:
+            n = self.max_length
+            mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None].expand(len(prompts), 1, n, n)
         out = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)
         return out.last_hidden_state.float()
 
+    #: Where a concept's name stands when it is embedded on its own (GradProj, similarity): the prompt position
+    #: it has in the evaluation captions. With causal states only the words before the name matter.
+    CONCEPT_TEMPLATES = {"style": "An image in {} style.", "object": "A {} image."}
+
     @torch.no_grad()
-    def concept_embeddings(self, names: list[str]) -> torch.Tensor:
-        """One vector per concept: the last hidden state of the concept's own tokens, averaged (GradProj)."""
-        tokens = self.tokenizer([concept_text(n) for n in names], padding=True, return_tensors="pt")
-        device = next(self.text_encoder.parameters()).device
-        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
-        hidden = out.last_hidden_state.float()
-        special = torch.tensor(self.tokenizer.all_special_ids, device=device)
-        keep = tokens.attention_mask.to(device).bool() & ~torch.isin(tokens.input_ids.to(device), special)
-        keep = keep.unsqueeze(-1).float()
-        return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+    def concept_embeddings(self, names: list[str], domain: str = "style") -> torch.Tensor:
+        """One vector per concept: the states of the concept's own tokens inside a prompt, as the UNet sees them, averaged."""
+        template = self.CONCEPT_TEMPLATES[domain]
+        prefix = template.split("{}")[0].strip()
+        start = len(self.tokenizer(prefix).input_ids) - 1  # the prefix's tokens with BOS/CLS, without EOS/SEP
+        states = self.encode_text([template.format(concept_text(n)) for n in names])
+        out = []
+        for i, name in enumerate(names):
+            width = len(self.tokenizer(concept_text(name), add_special_tokens=False).input_ids)
+            out.append(states[i, start : start + width].mean(0))
+        return torch.stack(out)
 
     # ----------------------------------------------------------------- latents
     @property

@@ -2,7 +2,7 @@
 
 Both take float images ``N x 3 x 32 x 32`` in ``[-1, 1]`` (what the diffusion model samples;
 uint8 ``N x 32 x 32 x 3`` arrays are converted by :func:`predict`) and return logits over
-``canvas_mini.STYLES`` or ``canvas_mini.OBJECTS``.
+``world.STYLE_CLASSES`` (the 48 styles and the neutral look) or ``world.OBJECTS``.
 
 They are trained on freshly drawn images (a new batch every step, so no epoch and no
 overfitting) with augmentation that imitates a small diffusion model's samples: gaussian noise,
@@ -12,16 +12,12 @@ A judge trained on clean drawings only is too brittle for generated samples.
 Stored as ``{kind}.safetensors`` (weights, fp16 by default) plus ``{kind}.json`` (class names,
 architecture, training settings, held-out accuracies); nothing is unpickled.
 
-Train from the shell (the two kinds in parallel, one thread each, ~2-4 min on 2 cores; the
-defaults write the shipped judges under ``cuig_lightning/assets/canvas_mini/classifiers/``)::
-
-    PYTHONPATH=. python -m cuig_lightning.evaluation.classifiers --kind style --threads 1 &
-    PYTHONPATH=. python -m cuig_lightning.evaluation.classifiers --kind object --threads 1; wait
+Train from the shell with ``cuig train-classifier --kind style|object`` (the defaults write the
+shipped judges under ``cuig_lightning/assets/canvas_mini/classifiers/``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -34,12 +30,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from cuig_lightning.data import canvas_mini
+from cuig_lightning.canvas_mini import world
+from cuig_lightning.canvas_mini.paths import ASSET_ROOT
 
 Kind = Literal["style", "object"]
 
 #: Where the shipped Canvas-mini judges live.
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "assets" / "canvas_mini" / "classifiers"
+DEFAULT_DIR = ASSET_ROOT / "classifiers"
 #: Seed of the held-out drawings used to report accuracy (never used for training).
 EVAL_SEED = 999_983
 #: Gaussian noise std (in [-1, 1] units) of the "mild noise" held-out check.
@@ -48,9 +45,9 @@ EVAL_NOISE = 0.1
 
 def class_names(kind: Kind) -> list[str]:
     if kind == "style":
-        return list(canvas_mini.STYLES)
+        return list(world.STYLE_CLASSES)
     if kind == "object":
-        return list(canvas_mini.OBJECTS)
+        return list(world.OBJECTS)
     raise ValueError(f"kind must be 'style' or 'object', got {kind!r}")
 
 
@@ -145,7 +142,7 @@ def _as_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
             raise TypeError("numpy images must be uint8 (N, H, W, 3); pass float tensors in [-1, 1] as torch")
-        return canvas_mini.to_tensor(images)
+        return world.to_tensor(images)
     return images.float()
 
 
@@ -165,8 +162,8 @@ def held_out_accuracy(
     model: nn.Module, kind: Kind, n_per_class: int = 10, seed: int = EVAL_SEED, noise_std: float = 0.0, blur_sigma: float = 0.0
 ) -> float:
     """Accuracy on ``n_per_class`` fresh drawings of every (style, object) pair, optionally noised/blurred."""
-    images, style_idx, object_idx = canvas_mini.make_dataset(n_per_class, seed)
-    x = canvas_mini.to_tensor(images)
+    images, style_idx, object_idx = world.make_dataset(n_per_class, seed)
+    x = world.to_tensor(images)
     gen = torch.Generator().manual_seed(seed)
     if blur_sigma > 0:
         x = _gaussian_blur(x, torch.full((len(x),), float(blur_sigma)))
@@ -196,7 +193,7 @@ def save_classifier(
         "num_classes": model.num_classes,
         "width": model.width,
         "dtype": str(dtype).replace("torch.", ""),
-        "input": "float32 N x 3 x 32 x 32 in [-1, 1] (canvas_mini.to_tensor)",
+        "input": "float32 N x 3 x 32 x 32 in [-1, 1] (world.to_tensor)",
         "params": sum(p.numel() for p in model.parameters()),
         **(info or {}),
     }
@@ -211,7 +208,7 @@ def load_classifier(kind: Kind, directory: str | Path | None = None, device: str
     if not meta_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(
             f"no {kind} classifier in {directory}; train one with "
-            f"`python -m cuig_lightning.evaluation.classifiers --kind {kind} --out {directory}`"
+            f"`cuig train-classifier --kind {kind} --out_dir {directory}`"
         )
     meta = json.loads(meta_path.read_text())
     model = ConceptClassifier(meta["num_classes"], width=meta["width"], classes=meta["classes"])
@@ -267,8 +264,8 @@ def train_classifier(
     bar = tqdm(range(steps), desc=f"train {kind} classifier", disable=not progress, dynamic_ncols=True)
     ema = None
     for step in bar:
-        images, s_idx, o_idx = canvas_mini.sample_batch(batch_size, rng)
-        x = augment(canvas_mini.to_tensor(images), gen)
+        images, s_idx, o_idx = world.sample_batch(batch_size, rng, neutral_share=1 / len(world.STYLE_CLASSES))
+        x = augment(world.to_tensor(images), gen)
         y = torch.from_numpy(s_idx if kind == "style" else o_idx)
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=0.05)
@@ -294,7 +291,7 @@ def train_classifier(
         save_classifier(model, out_dir, kind, info=report, half=half)
         judged = load_classifier(kind, out_dir)
     report["held_out"] = {
-        "n_images": eval_per_class * len(canvas_mini.STYLES) * len(canvas_mini.OBJECTS),
+        "n_images": eval_per_class * len(world.STYLE_CLASSES) * len(world.OBJECTS),
         "seed": EVAL_SEED,
         "acc_clean": held_out_accuracy(judged, kind, eval_per_class),
         "acc_noise": held_out_accuracy(judged, kind, eval_per_class, noise_std=EVAL_NOISE),
@@ -306,28 +303,3 @@ def train_classifier(
     if out_dir is not None:  # rewrite the JSON with the held-out accuracies
         save_classifier(model, out_dir, kind, info=report, half=half)
     return model, report
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Train a Canvas-mini style/object classifier.")
-    p.add_argument("--kind", choices=["style", "object", "both"], default="both")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--width", type=int, default=24)
-    p.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    p.add_argument("--fp32", action="store_true", help="store float32 weights instead of float16")
-    p.add_argument("--threads", type=int, default=None)
-    a = p.parse_args(argv)
-    kinds = ["style", "object"] if a.kind == "both" else [a.kind]
-    for kind in kinds:
-        _, report = train_classifier(
-            kind, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr, width=a.width,
-            out_dir=a.out, half=not a.fp32, num_threads=a.threads,
-        )  # fmt: skip
-        print(json.dumps({"kind": kind, **report}, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,202 @@
+"""The instrument checks of Canvas-mini: is the world fit to measure the paper's effects?
+
+Runs (or reuses) the real jobs behind each check, then writes ``results/instrument.md`` (+ ``.json``):
+
+1. base model over the full grid (every style class x every object x 2 seeds): style / object /
+   neutral accuracy, and the classifiers' held-out accuracies (from their JSON);
+2. look follows meaning: Spearman correlation, over all style pairs, between the names' text cosine
+   (the in-prompt token states the UNet sees) and their visual similarity (cosine of the style
+   classifier's mean penultimate features over fresh drawings), and for the most similar 10% of
+   pairs the share that agree on each look attribute (none may be shared by all of them);
+3. sequential ConAbl on the reported sequence (``seeds``): the first request with RA-I < 50;
+4. simultaneous ConAbl (all 12 targets from the base model at once): UA, RA-I, RA-C;
+5. after request 1: Pearson r between each retained style's text cosine to the target and its
+   accuracy (mean over the seeds; also per seed).
+
+Each job is an ordinary ``cuig fit`` in ``runs_dir`` (resumable; a finished one is only read).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+from cuig_lightning.canvas_mini import looks, world
+from cuig_lightning.canvas_mini.classifiers import DEFAULT_DIR, EVAL_SEED, load_classifier
+
+
+def _fit(configs: list[str], run_dir: Path, seed: int, extra: list[str]) -> list[dict]:
+    """Run (or resume) one ``cuig fit``; returns its per-request metric rows."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "cuig_lightning", "fit", *(a for c in configs for a in ("--config", c)),
+               "--trainer.run_dir", str(run_dir), "--seed_everything", str(seed), *extra]  # fmt: skip
+        print("$", " ".join(cmd[2:]), flush=True)
+        with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return json.loads(metrics.read_text())
+
+
+def _image_statistics(images: np.ndarray) -> np.ndarray:
+    """A generic look descriptor of a set of drawings: colour percentiles (10/50/90 per channel, weight 2) and
+    the grey-level power spectrum binned by radius (7) and orientation (6), each normalised."""
+    x = images.astype(np.float32) / 255
+    grey = x.mean(-1)
+    power = np.abs(np.fft.fftshift(np.fft.fft2(grey - grey.mean((1, 2), keepdims=True)), axes=(1, 2))).mean(0)
+    yy, xx = np.mgrid[-16:16, -16:16]
+    radius, angle = np.hypot(yy, xx), np.mod(np.arctan2(yy, xx), np.pi)
+    radial = np.array([power[(radius >= k) & (radius < k + 2)].sum() for k in range(2, 16, 2)])
+    angular = np.array([power[(radius > 2) & (angle >= k * np.pi / 6) & (angle < (k + 1) * np.pi / 6)].sum()
+                        for k in range(6)])  # fmt: skip
+    colour = np.percentile(x.reshape(-1, 3), [10, 50, 90], axis=0).ravel()
+    return np.concatenate([2 * colour, radial / radial.sum(), angular / angular.sum()])
+
+
+def look_meaning(cosine: np.ndarray, n_per_class: int = 4) -> dict:
+    """Spearman correlation, over all style pairs, between the names' text cosine and three visual similarities:
+    of the look parameters (minus their distance, hues and angle circular), of generic image statistics
+    (minus the distance of standardised :func:`_image_statistics`), and of the style classifier's mean
+    penultimate features (cosine); plus, for the closest 10% of pairs by text, the share that agree on
+    each look attribute (|difference| < 0.15)."""
+    iu = np.triu_indices(len(world.STYLES), 1)
+    text = torch.tensor(cosine[iu])
+    table = world.load_looks()
+    values = np.array([[table[s][k] for k in world.LOOK_KEYS] for s in world.STYLES])
+    delta = np.abs(values[:, None] - values[None])
+    for j, key in enumerate(world.LOOK_KEYS):
+        if key.startswith("hue") or key == "angle":  # circular
+            delta[..., j] = np.minimum(delta[..., j], 1 - delta[..., j])
+    images, style_idx, _ = world.make_dataset(n_per_class, seed=EVAL_SEED, styles=world.STYLES)
+    stats = np.stack([_image_statistics(images[style_idx == i]) for i in range(len(world.STYLES))])
+    stats = (stats - stats.mean(0)) / (stats.std(0) + 1e-6)
+    with torch.no_grad():
+        feats = load_classifier("style").features(world.to_tensor(images)).mean(dim=(2, 3))
+    means = torch.stack([feats[torch.from_numpy(style_idx == i)].mean(0) for i in range(len(world.STYLES))])
+    means = torch.nn.functional.normalize(means - means.mean(0), dim=-1)
+    similarities = {
+        "look_parameters": -np.sqrt((delta**2).sum(-1)),
+        "image_statistics": -np.linalg.norm(stats[:, None] - stats[None], axis=-1),
+        "classifier_features": (means @ means.T).numpy(),
+    }
+    close = np.argsort(-cosine[iu])[: len(text) // 10]
+    return {
+        "spearman": {k: round(float(spearman_corrcoef(torch.tensor(v[iu]), text)), 3) for k, v in similarities.items()},
+        "pairs": len(text),
+        "closest_pairs": len(close),
+        "attribute_agreement": {k: round(float((delta[..., j][iu][close] < 0.15).mean()), 3)
+                                for j, k in enumerate(world.LOOK_KEYS)},  # fmt: skip
+    }
+
+
+def instrument(
+    config: str = "configs/seq12.yaml",
+    simultaneous: str = "configs/canvas_mini/simultaneous.yaml",
+    seeds: list[int] = [0, 1, 2],
+    runs_dir: str = "runs/instrument",
+    output: str = "results/instrument.md",
+    base_seeds: list[int] = [188, 288],
+) -> dict:
+    """Run the instrument checks and write the report.
+
+    Args:
+        config: the main job (reported sequence, retain sets, evaluation settings).
+        simultaneous: overlay that erases all the targets at once (its ``max_steps`` trains to UA >= 95).
+        seeds: seeds of the sequential runs (and of the similarity check).
+        runs_dir: where the jobs' run folders go (reused when finished).
+        output: the Markdown report (a ``.json`` with the same numbers is written beside it).
+        base_seeds: sampling seeds of the base-model check.
+    """
+    from cuig_lightning.evaluation.protocol import Evaluation
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    cfg = yaml.safe_load(Path(config).read_text())
+    targets = [r["target"] for r in cfg["trainer"]["requests"]]
+    retain = cfg["trainer"]["evaluation"]["retain_styles"]
+    ev = cfg["trainer"]["evaluation"]
+    runs = Path(runs_dir)
+    report: dict = {"config": config, "seeds": list(seeds)}
+
+    t0 = time.perf_counter()
+    base = Evaluation(seeds=list(base_seeds), steps=ev.get("steps", 20), guidance=ev.get("guidance", 1.5))
+    res = base.base_accuracy(DiffusionModel.from_pretrained("canvas-mini"))
+    report["base"] = {k: round(res[k], 2) for k in ("style_accuracy", "object_accuracy", "neutral_accuracy")}
+    report["base"].update(n_images=res["n_images"], seconds=round(time.perf_counter() - t0, 1))
+    report["classifiers"] = {k: json.loads((DEFAULT_DIR / f"{k}.json").read_text())["held_out"] for k in ("style", "object")}
+
+    cosine = looks.style_text_cosine()
+    report["look_meaning"] = look_meaning(cosine)
+
+    seq = {s: _fit([config], runs / "sequential" / f"seed{s}", s, []) for s in seeds}
+    report["sequential"] = {
+        str(s): {"RA_I": [r["RA_I"] for r in rows], "UA": [r["UA"] for r in rows],
+                 "first_below_50": next((r["request"] for r in rows if r["RA_I"] < 50), None)}
+        for s, rows in seq.items()
+    }  # fmt: skip
+    sim = _fit([config, simultaneous], runs / "simultaneous" / f"seed{seeds[0]}", seeds[0], [])[-1]
+    report["simultaneous"] = {k: sim[k] for k in ("UA", "RA_I", "RA_C", "drift_rel")}
+
+    index = {s: i for i, s in enumerate(world.STYLES)}
+    cos = torch.tensor([cosine[index[targets[0]], index[r]] for r in retain])
+    acc = torch.tensor([[seq[s][0]["per_concept"]["retain"][r] for r in retain] for s in seeds], dtype=torch.float64)
+    per_seed = [round(float(pearson_corrcoef(cos.double(), a)), 3) if a.std() > 0 else None for a in acc]
+    mean_acc = acc.mean(0)
+    report["similarity_after_request_1"] = {
+        "target": targets[0], "pearson_r": round(float(pearson_corrcoef(cos.double(), mean_acc)), 3) if mean_acc.std() > 0 else None,
+        "per_seed_r": per_seed,
+        "styles": {r: {"cosine": round(float(c), 3), "accuracy": round(float(a), 1)} for r, c, a in zip(retain, cos, mean_acc)},
+    }  # fmt: skip
+    write_report(report, Path(output))
+    return report
+
+
+def write_report(report: dict, path: Path) -> None:
+    b, lm, sim, r1 = report["base"], report["look_meaning"], report["simultaneous"], report["similarity_after_request_1"]
+    clf = report["classifiers"]
+    firsts = [v["first_below_50"] for v in report["sequential"].values()]
+    ra_i = np.array([v["RA_I"] for v in report["sequential"].values()])
+    lines = [
+        "# Canvas-mini instrument checks",
+        "",
+        "Made by `cuig instrument` (cuig_lightning/canvas_mini/instrument.py); every number is from a real run.",
+        "",
+        "| check | target | measured | holds |",
+        "|---|---|---|---|",
+        f"| base model, full grid ({b['n_images']} images) | style ≥ 95, object ≥ 90 | style {b['style_accuracy']}, "
+        f"object {b['object_accuracy']}, neutral {b['neutral_accuracy']} | "
+        f"{'yes' if b['style_accuracy'] >= 95 and b['object_accuracy'] >= 90 else 'no'} |",
+        f"| classifiers, held-out drawings (clean / noise / blur) | ≥ 98 | style "
+        + " / ".join(f"{100 * clf['style'][k]:.1f}" for k in ("acc_clean", "acc_noise", "acc_blur"))
+        + ", object " + " / ".join(f"{100 * clf['object'][k]:.1f}" for k in ("acc_clean", "acc_noise", "acc_blur"))
+        + f" | {'yes' if min(clf[c]['acc_clean'] for c in clf) >= 0.98 else 'no'} |",
+        f"| look follows meaning: Spearman(text cosine, visual similarity), {lm['pairs']} style pairs | clearly > 0 | "
+        + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in lm["spearman"].items())
+        + f" | {'yes' if min(lm['spearman'].values()) > 0.1 else 'partly' if max(lm['spearman'].values()) > 0.1 else 'no'} |",
+        f"| sequential ConAbl: first request with RA-I < 50 (seeds {', '.join(report['sequential'])}) | 3-6 | "
+        f"{', '.join(str(f) for f in firsts)} | {'yes' if all(f is not None and 3 <= f <= 6 for f in firsts) else 'no'} |",
+        f"| simultaneous ConAbl, all 12 targets | UA ≥ 95, RA-I ≥ 60, RA-C ≥ 80 | UA {sim['UA']:.1f}, RA-I {sim['RA_I']:.1f}, "
+        f"RA-C {sim['RA_C']:.1f} | {'yes' if sim['UA'] >= 95 and sim['RA_I'] >= 60 and sim['RA_C'] >= 80 else 'no'} |",
+        f"| after request 1 ({r1['target']}): Pearson r(text cosine to target, accuracy), 12 retained styles | ≤ -0.5 | "
+        f"{r1['pearson_r']} (per seed {r1['per_seed_r']}) | {'yes' if r1['pearson_r'] is not None and r1['pearson_r'] <= -0.5 else 'no'} |",
+        "",
+        "Sequential RA-I after each request (mean over seeds): " + ", ".join(f"{v:.0f}" for v in ra_i.mean(0)),
+        "",
+        "Closest 10% of style pairs by text cosine: share agreeing on each look attribute (|Δ| < 0.15): "
+        + ", ".join(f"{k} {v}" for k, v in lm["attribute_agreement"].items()),
+        "",
+        "After request 1, retained styles (text cosine to the target → accuracy, mean over seeds): "
+        + ", ".join(f"{s} {v['cosine']} → {v['accuracy']}" for s, v in sorted(r1["styles"].items(), key=lambda x: -x[1]["cosine"])),
+        "",
+    ]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(lines))

@@ -1,0 +1,165 @@
+"""Pretrain the Canvas-mini base text-to-image model, and score a model on the full style x object grid.
+
+A plain PyTorch loop (no Lightning): every step draws fresh Canvas-mini images
+(:func:`world.sample_batch`, a ``neutral_share`` of them with the style-less caption and the neutral
+look), noises them with the cosine DDPM schedule, and regresses the v-prediction target with
+min-SNR-gamma weighting (diffusers' ``compute_snr``). AdamW with diffusers' warm-up + cosine
+schedule, gradient clipping, an ``EMAModel`` of the UNet, ``cond_dropout`` empty prompts (for
+classifier-free guidance), bf16 autocast on CPU. The text states of every caption and of ``""`` are
+computed once (the encoder is frozen) with :meth:`DiffusionModel.encode_text`, exactly what sampling
+feeds the UNet.
+
+Output (``out_dir``): ``unet/`` (EMA weights) + ``scheduler/``, ``checkpoints/step_XXXXXX/`` along
+the way, ``train_log.jsonl`` and ``pretrain_report.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from cuig_lightning.canvas_mini import model as cm
+from cuig_lightning.canvas_mini import world
+from cuig_lightning.canvas_mini.paths import assemble_model_folder, canvas_mini_model_path
+from cuig_lightning.evaluation.protocol import Evaluation
+from cuig_lightning.models.diffusion import DiffusionModel
+
+EVAL_SEEDS = (188, 288)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def evaluate_base(model_folder: str | Path | None = None, seeds=EVAL_SEEDS, steps: int = 20, guidance: float = 1.5,
+                  device: str = "cpu") -> dict:  # fmt: skip
+    """Style / object accuracy of a Canvas-mini model over the full grid (:meth:`Evaluation.base_accuracy`).
+
+    ``model_folder``: a full model folder, one holding just ``unet/`` + ``scheduler/`` (a pretraining
+    output), or ``None`` for the shipped model.
+    """
+    if model_folder is None:
+        folder = canvas_mini_model_path()
+    else:
+        folder = Path(model_folder)
+        if not (folder / "text_encoder").is_dir():
+            folder = assemble_model_folder(folder / "unet", folder / "model", folder / "scheduler")
+    model = DiffusionModel.from_pretrained(folder).to(device)
+    evaluation = Evaluation(seeds=list(seeds), steps=steps, guidance=guidance, batch_size=len(world.OBJECTS) * 8)
+    return {"model": str(folder), "seeds": list(seeds), "steps": steps, "guidance": guidance,
+            **evaluation.base_accuracy(model)}  # fmt: skip
+
+
+def pretrain(
+    out_dir: str | Path = "runs/canvas_mini_base",
+    steps: int = 2400,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    cond_dropout: float = 0.1,
+    neutral_share: float = 0.15,
+    warmup: int = 200,
+    weight_decay: float = 0.01,
+    snr_gamma: float = 5.0,
+    grad_clip: float = 1.0,
+    bf16: bool = True,
+    checkpoint_every: int = 600,
+    half: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    unet_overrides: dict | None = None,
+) -> dict:
+    """Train the Canvas-mini UNet from scratch; save the EMA UNet (+ scheduler) to ``out_dir``.
+
+    Args:
+        out_dir: output folder (``unet/``, ``scheduler/``, checkpoints, logs, report).
+        steps: optimizer steps; batch_size: fresh drawings per step.
+        lr: AdamW peak learning rate (linear warm-up over ``warmup`` steps, then cosine to 0).
+        seed: seeds the drawings, noise, timesteps and the UNet's initialisation.
+        ema_decay: EMA decay of the saved weights.
+        cond_dropout: share of captions replaced by ``""`` (classifier-free guidance).
+        neutral_share: share of drawings with the neutral look and the style-less caption.
+        snr_gamma: min-SNR-gamma loss weight (0: plain v-MSE).
+        half: store fp16 weights (the shipped asset is fp16).
+        unet_overrides: entries replacing :data:`cm.UNET_CONFIG` (e.g. smaller test models).
+    """
+    dev = torch.device(device)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 7])
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    cond_all, uncond = (t.to(dev) for t in cm.caption_embeddings())
+    unet = cm.build_unet(seed=seed, **(unet_overrides or {})).to(dev).train()
+    ema = EMAModel(unet.parameters(), decay=ema_decay, foreach=True)
+    scheduler = cm.build_scheduler()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99),
+    )  # fmt: skip
+    lr_schedule = get_scheduler("cosine", opt, num_warmup_steps=warmup, num_training_steps=steps)
+    settings = dict(
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema_decay=ema_decay, cond_dropout=cond_dropout,
+        neutral_share=neutral_share, warmup=warmup, weight_decay=weight_decay, snr_gamma=snr_gamma,
+        grad_clip=grad_clip, bf16=bf16, device=str(dev), torch_threads=torch.get_num_threads(),
+        unet_params=sum(p.numel() for p in unet.parameters()), unet_overrides=unet_overrides or {},
+    )  # fmt: skip
+    (out / "pretrain_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+    def save(folder: Path) -> None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+        cm.save_unet(unet, scheduler, folder, half=half)
+        ema.restore(unet.parameters())
+
+    n_obj = len(world.OBJECTS)
+    t0, loss_avg = time.perf_counter(), None
+    with open(out / "train_log.jsonl", "a") as log:
+        bar = tqdm(range(steps), desc="pretrain canvas-mini", disable=not progress, dynamic_ncols=True, mininterval=5)
+        for step in bar:
+            images, s_idx, o_idx = world.sample_batch(batch_size, rng, neutral_share=neutral_share)
+            x0 = world.to_tensor(images).to(dev)
+            states = cond_all[torch.from_numpy(s_idx * n_obj + o_idx).to(dev)]
+            drop = (torch.rand(batch_size, generator=gen) < cond_dropout).to(dev)
+            states = torch.where(drop[:, None, None], uncond.expand_as(states), states)
+            noise = torch.randn(x0.shape, generator=gen).to(dev)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(dev)
+            with _autocast(dev, bf16):
+                pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample
+            per = (pred.float() - scheduler.get_velocity(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+            snr = compute_snr(scheduler, t)
+            # min-SNR-gamma for v-prediction: weight min(snr, gamma) / (snr + 1)
+            weight = snr.clamp(max=snr_gamma) / (snr + 1) if snr_gamma > 0 else torch.ones_like(snr)
+            loss = (per * weight).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            lr_schedule.step()
+            ema.step(unet.parameters())
+            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+            done = step + 1
+            if done % 50 == 0 or done == steps:
+                minutes = round((time.perf_counter() - t0) / 60, 2)
+                bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
+                log.write(json.dumps({"step": done, "loss": round(loss_avg, 5), "minutes": minutes}) + "\n")
+                log.flush()
+            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+                save(out / "checkpoints" / f"step_{done:06d}")
+    train_seconds = time.perf_counter() - t0
+    save(out)
+    report = {"settings": settings, "train_seconds": round(train_seconds, 1), "final_loss": loss_avg}
+    (out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
