@@ -16,13 +16,14 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 from cuig_lightning.checkpoints import CheckpointError
-from cuig_lightning.continual import ContinualTrainer, RunFolderError
+from cuig_lightning.continual import ContinualTrainer
 from cuig_lightning.data.anchors import UnlearningData
 from cuig_lightning.evaluation.protocol import Evaluation
 from cuig_lightning.export import evaluate_request, export_request
 from cuig_lightning.models.diffusion import ModelLoadError
 from cuig_lightning.module import NonFiniteLossError, UnlearningModule
 from cuig_lightning.requests import RequestError
+from cuig_lightning.run_folder import RunFolderError
 
 DESCRIPTION = (
     "cuig: continual concept unlearning for text-to-image diffusion models. Subcommands below; "
@@ -55,8 +56,8 @@ class CuigTrainer(ContinualTrainer):
             request: 1-based request number; -1 the last finished one; 0 the base model (style and
                 object accuracy over the full grid).
         """
-        result = evaluate_request(model, self.run_dir, self.config_text or "", self.requests,
-                                  self.evaluation or Evaluation(), request)
+        result = evaluate_request(model, self.run_dir, self.config_text or "", self.evaluation or Evaluation(),
+                                  request)
         print(json.dumps(result, indent=2))
 
 

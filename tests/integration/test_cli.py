@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import run_cli, tree_digest
+from tests.helpers import REPO, run_cli, tree_digest
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_and_fit_help():

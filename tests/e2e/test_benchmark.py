@@ -11,9 +11,8 @@ import yaml
 
 from cuig_lightning.benchmark import Tuning, apply_updates, candidates, choose, pearson, plan, run_benchmark
 from cuig_lightning.continual import RunFolderError
-from tests.conftest import tree_digest
+from tests.helpers import CONFIGS, tree_digest
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_pearson_matches_hand_computation():
