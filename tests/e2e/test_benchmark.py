@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from cuig_lightning.benchmark import Tuning, apply_updates, candidates, choose, pearson, plan, run_benchmark
-from cuig_lightning.continual import RunFolderError
+from cuig_lightning.cli import main as cuig
+from cuig_lightning.run_folder import RunFolderError
 from tests.helpers import CONFIGS, tree_digest
 
 
@@ -56,7 +57,7 @@ def test_short_benchmark_writes_table_and_plots(tmp_path, tiny_sd, cache_dir):
     base = _tiny_base(tmp_path, tiny_sd, cache_dir)
     kwargs = dict(base=str(base), rows=["sequential", "l2"], seeds=[0], output=str(tmp_path / "runs"),
                   methods={"conabl": str(CONFIGS / "canvas_mini"), "sculpmem": str(CONFIGS / "canvas_mini_sculpmem")},
-                  report=str(report))
+                  report=str(report), fit=cuig)
     table = run_benchmark(**kwargs)
     text = table.read_text()
     for method in ("conabl", "sculpmem"):
@@ -92,7 +93,7 @@ def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_d
     output, report = tmp_path / "runs", tmp_path / "results"
     kwargs = dict(base=str(_tiny_base(tmp_path, tiny_sd, cache_dir, requests=2)),
                   methods={"conabl": str(CONFIGS / "canvas_mini")}, rows=["l2"], seeds=[0],
-                  output=str(output), report=str(report), tuning=tuning, jobs=2)
+                  output=str(output), report=str(report), tuning=tuning, jobs=2, fit=cuig)
     run_benchmark(**kwargs)
 
     tuning_runs = {w: output / "tuning" / "conabl" / "l2" / f"weight{w:g}" / "seed0" for w in (0.0, 1.0e9)}
@@ -128,7 +129,7 @@ def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_pat
     assert len({run.configs[-2] for run in tuning_runs}) == len(tuning_runs)  # one overlay file per candidate
     for (method, row), pairs in tuned["runs"].items():
         for updates, run in pairs:  # each file really carries its candidate's values
-            overlay = yaml.safe_load(Path(run.configs[-2]).read_text())
+            overlay = yaml.safe_load(Path(run.all_configs()[-2]).read_text())  # written when the run launches
             got = {cb["class_path"].split(".")[-1]: cb.get("init_args", {}) for cb in overlay["trainer"]["callbacks"]}
             for cls, args in updates.items():
                 assert {k: got[cls][k] for k in args} == args, (method, row, run.key)
