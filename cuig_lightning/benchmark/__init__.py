@@ -40,17 +40,8 @@ def run_benchmark(
 ) -> Path:
     """Run every (method, row, seed) of the main table (after the tuning runs) and write the report.
 
-    Args:
-        base: the job config(s) every run starts from.
-        methods: method name -> folder holding one overlay YAML per row.
-        rows: row names (overlay file stems), in table order.
-        seeds: seeds (``seed_everything`` and ``data.seed``).
-        output: folder of the run folders (``output/method/row/seedN``, ``output/tuning/...``).
-        report: folder of the report files.
-        tuning: the hyperparameter search on a validation split (None: the overlays as they are).
-        jobs: ``cuig fit`` processes at once (1: one after another, in this process).
-        report_only: rebuild the report from the finished runs without training.
-        fit: runs one ``cuig fit`` in this process (``jobs == 1``); given by the CLI.
+    The arguments are those of ``cuig benchmark`` (:func:`cuig_lightning.commands.benchmark`, where they are
+    documented), plus ``fit``, which runs one ``cuig fit`` in this process when ``jobs == 1``.
     """
     base = [base] if isinstance(base, str) else list(base)
     methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
