@@ -1,15 +1,18 @@
 """Continual-unlearning regularizers as Lightning callbacks (see docs/method.md, "Regularizers").
 
-Each callback talks to the LightningModule only through its contract: ``trainable``,
-``start_weights``, ``base_weights``, ``add_loss_term``, ``unlearning_loss``, ``trajectory_batches``,
-``concept_embeddings`` and ``stage``. They compose: any subset can be passed to one Trainer.
-``DynamicMask`` is SculpMem's training mask (part of that base method, see ``model.method``).
+Each callback derives from :class:`callbacks.base.Regularizer` (per-stage state, checkpointing, rank-0
+broadcast, files recorded into the request folder) and talks to the LightningModule only through the
+contract :class:`callbacks.contract.RegularizedModule`, checked once in ``on_fit_start``. They compose: any
+subset can be passed to one Trainer. ``DynamicMask`` is SculpMem's training mask, supplied by
+``cuig_lightning.methods.SculpMem`` (never listed in a config).
 """
 
+from callbacks.base import Regularizer
+from callbacks.contract import RegularizedModule
 from callbacks.dynamic_mask import DynamicMask
 from callbacks.gradient_projection import GradientProjection
 from callbacks.merge import ModelMerge
 from callbacks.norm import NormRegularizer
 from callbacks.selective_finetuning import SelectiveFineTuning
 
-__all__ = ["DynamicMask", "GradientProjection", "ModelMerge", "NormRegularizer", "SelectiveFineTuning"]
+__all__ = ["DynamicMask", "Regularizer", "RegularizedModule", "GradientProjection", "ModelMerge", "NormRegularizer", "SelectiveFineTuning"]

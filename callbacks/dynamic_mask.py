@@ -4,7 +4,6 @@ renewed during training (Sculpting Memory, Li et al., ICCV 2025)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,9 +11,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from callbacks.base import Regularizer
 from callbacks.masking import FrozenEntries
 from callbacks.selective_finetuning import topk_mask
-from cuig_lightning.checkpoints import write_json
 
 DYNAMIC_MASK_JSON = "dynamic_mask.json"
 Accumulate = Literal["abs", "signed"]
@@ -41,7 +40,7 @@ def swap_mask(mask: Tensor, importance: Tensor, count: int) -> Tensor:
     return new.reshape(mask.shape)
 
 
-class DynamicMask(pl.Callback):
+class DynamicMask(Regularizer):
     """Trains only a ``density`` fraction of every trainable tensor; the rest stays bitwise unchanged.
 
     * Warm-up: the first ``warmup_steps`` optimizer steps only accumulate gradient magnitudes and update
@@ -80,48 +79,36 @@ class DynamicMask(pl.Callback):
             raise ValueError(f"DynamicMask accumulate must be 'abs' or 'signed', got {accumulate!r}")
         self.density, self.warmup_steps, self.swap_every = density, warmup_steps, swap_every
         self.turnover, self.stop_fraction, self.accumulate = turnover, stop_fraction, accumulate
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    # -- state -------------------------------------------------------------------------------
+    def reset(self) -> None:
         self.mask: dict[str, Tensor] | None = None  # bool, True = active (trained)
         self.importance: dict[str, Tensor] | None = None  # float32, accumulated since the last mask change
         self.history: list[dict] = []  # one entry per mask change
-        self._stage_index: int | None = None
         self._frozen = FrozenEntries()
         self._last_step = -1
 
-    # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def stage_state(self) -> dict[str, Any] | None:
         if self.importance is None:
-            return {}
+            return None
         state: dict[str, Any] = {
             "importance": {n: t.detach().cpu() for n, t in self.importance.items()},
             "history": [dict(h) for h in self.history],
-            "stage_index": self._stage_index,
         }
         if self.mask is not None:
             state["mask"] = {n: m.cpu() for n, m in self.mask.items()}
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "importance" in state_dict:
-            self.importance = {n: t.float() for n, t in state_dict["importance"].items()}
-            self.mask = {n: m.to(torch.bool) for n, m in state_dict["mask"].items()} if "mask" in state_dict else None
-            self.history = [dict(h) for h in state_dict.get("history", [])]
-            self._stage_index = state_dict.get("stage_index")
+    def load_stage_state(self, state: dict[str, Any]) -> None:
+        self.importance = {n: t.float() for n, t in state["importance"].items()}
+        self.mask = {n: m.to(torch.bool) for n, m in state["mask"].items()} if "mask" in state else None
+        self.history = [dict(h) for h in state.get("history", [])]
 
     # -- hooks -------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._reset()  # a new fit is a new stage; a checkpoint restore comes after
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         params = pl_module.trainable
-        stage_index = getattr(getattr(pl_module, "stage", None), "index", None)
-        if self.importance is not None and self._stage_index != stage_index:
-            raise ValueError(f"DynamicMask state was saved for stage {self._stage_index}, "
-                             f"but this is stage {stage_index}")
-        self._stage_index = stage_index
-        if self.importance is None:
+        if not self.check_stage(pl_module, "state was"):
             self.importance = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         else:
             self.importance = {n: t.to(params[n].device) for n, t in self.importance.items()}
@@ -174,11 +161,10 @@ class DynamicMask(pl.Callback):
             self._record(step, "swap", turnover, moved, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = getattr(pl_module, "stage", None)
-        if trainer.is_global_zero and stage is not None and getattr(stage, "request_dir", None) is not None:
-            write_json({"density": self.density, "warmup_steps": self.warmup_steps, "swap_every": self.swap_every,
-                        "turnover": self.turnover, "stop_fraction": self.stop_fraction, "accumulate": self.accumulate,
-                        "history": self.history}, Path(stage.request_dir) / DYNAMIC_MASK_JSON)
+        self.record(trainer, pl_module, DYNAMIC_MASK_JSON, {
+            "density": self.density, "warmup_steps": self.warmup_steps, "swap_every": self.swap_every,
+            "turnover": self.turnover, "stop_fraction": self.stop_fraction, "accumulate": self.accumulate,
+            "history": self.history})
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._frozen.clear()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cuig_lightning.checkpoints import write_json
+from callbacks.base import Regularizer
 
 GRADIENT_PROJECTION_JSON = "gradient_projection.json"
 
@@ -67,7 +66,7 @@ def is_projected(name: str) -> bool:
     return ("attn2.to_k" in name or "attn2.to_v" in name) and name.endswith("weight")
 
 
-class GradientProjection(pl.Callback):
+class GradientProjection(Regularizer):
     """Projects every attn2.to_k / attn2.to_v weight gradient onto the orthogonal complement of the
     protected concepts' text embeddings, so W·c (hence their keys and values) barely moves.
 
@@ -84,25 +83,20 @@ class GradientProjection(pl.Callback):
         self.pool = list(pool) if pool is not None else None
         self.mode = mode
         self.neighbours: list[str] | None = None
-        self._stage_index: int | None = None
         self._P: Tensor | None = None  # float64, CPU
         self._P_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self.neighbours is None:
-            return {}
-        return {"neighbours": list(self.neighbours), "stage_index": self._stage_index}
+    def reset(self) -> None:
+        self.neighbours, self._P, self._P_cache = None, None, {}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "neighbours" in state_dict:
-            self.neighbours = list(state_dict["neighbours"])
-            self._stage_index = state_dict.get("stage_index")
+    def stage_state(self) -> dict[str, Any] | None:
+        return None if self.neighbours is None else {"neighbours": list(self.neighbours)}
+
+    def load_stage_state(self, state: dict[str, Any]) -> None:
+        self.neighbours = list(state["neighbours"])
 
     # -- hooks -------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.neighbours, self._stage_index, self._P, self._P_cache = None, None, None, {}
-
     def candidate_pool(self, stage) -> list[str]:
         """The given pool or the domain vocabulary, minus the current targets, with earlier targets
         kept (and added to an explicit pool that lacks them)."""
@@ -114,28 +108,21 @@ class GradientProjection(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = pl_module.stage
-        if self.neighbours is not None and self._stage_index != stage.index:
-            raise ValueError(
-                f"GradientProjection neighbours were saved for stage {self._stage_index}, but this is stage {stage.index}"
-            )
         with torch.no_grad():
-            if self.neighbours is None:
+            similarities = None
+            if not self.check_stage(pl_module, "neighbours were"):
                 chosen, similarities = self._choose(pl_module)
                 self.neighbours = trainer.strategy.broadcast(chosen, src=0)
-                self._stage_index = stage.index
-            else:
-                similarities = None
             C = self._embed(pl_module, self.neighbours).T if self.neighbours else None
         d = self._check_dims(pl_module, C)
         P = projector(C) if C is not None else torch.eye(d, dtype=torch.float64)
         self._P = trainer.strategy.broadcast(P.cpu(), src=0)  # identical P on every rank
         self._P_cache = {}
         pl_module.print(f"GradProj: protecting {len(self.neighbours)} concepts: {', '.join(self.neighbours) or '-'}")
-        if trainer.is_global_zero:
-            record = {"mode": self.mode, "k": self.k, "targets": stage.targets, "neighbours": self.neighbours}
-            if similarities is not None:
-                record["similarity"] = similarities
-            write_json(record, Path(stage.request_dir) / GRADIENT_PROJECTION_JSON)
+        record = {"mode": self.mode, "k": self.k, "targets": stage.targets, "neighbours": self.neighbours}
+        if similarities is not None:
+            record["similarity"] = similarities
+        self.record(trainer, pl_module, GRADIENT_PROJECTION_JSON, record)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         for name, p in pl_module.trainable.items():

@@ -3,6 +3,7 @@ the task vectors τ_i = θ_i − θ0 of all requests so far are merged into one 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -11,7 +12,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from cuig_lightning.checkpoints import load_tensors, save_tensors, write_json
+from peft.utils.merge_utils import ties
+
+from callbacks.base import Regularizer
+from cuig_lightning.checkpoints import load_tensors
 
 TASK_VECTOR = "task_vector.safetensors"
 MERGE_JSON = "merge.json"
@@ -34,29 +38,19 @@ def _per_tensor(task_vectors: Sequence[dict[str, Tensor]], merge: Callable[[Tens
     return {n: merge(_stack(task_vectors, n)).to(task_vectors[0][n].dtype) for n in sorted(names)}
 
 
-def trim(tau: Tensor, density: float) -> Tensor:
-    """Keep the ``int(density * numel)`` largest-magnitude entries of one tensor, zero the rest
-    (``density >= 1`` keeps everything); same count and tie order as ``peft``'s magnitude pruning."""
-    if density >= 1:
-        return tau
+def ties_merge(task_vectors: Sequence[dict[str, Tensor]], density: float, lam: float) -> dict[str, Tensor]:
+    """TIES per tensor (``peft.utils.merge_utils.ties``, majority sign by total): trim each τ_i to its
+    top-``density`` magnitudes, elect the sign of the summed trimmed τ (a zero sum elects +), average the
+    nonzero entries agreeing with it; then scale by ``lam`` (exactly peft's weights = [lam] * n when lam is
+    a power of two)."""
     if density < 0:
         raise ValueError(f"TIES density must be >= 0, got {density}")
-    flat = tau.reshape(-1)
-    keep = torch.zeros_like(flat)
-    keep[torch.topk(flat.abs(), k=int(density * flat.numel()), largest=True).indices] = 1
-    return (flat * keep).reshape(tau.shape)
-
-
-def ties_merge(task_vectors: Sequence[dict[str, Tensor]], density: float, lam: float) -> dict[str, Tensor]:
-    """TIES per tensor: trim each τ_i to its top-``density`` magnitudes, elect the sign of the summed
-    trimmed τ (a zero sum elects +), average the nonzero entries agreeing with it, scale by ``lam``."""
 
     def merge(stacked: Tensor) -> Tensor:
-        trimmed = torch.stack([trim(t, density) for t in stacked])
-        elected = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0).to(trimmed.dtype)
-        agree = trimmed.sign() == elected  # trimmed-away zeros never agree
-        total = (trimmed * agree).sum(dim=0)
-        return lam * total / agree.sum(dim=0).clamp(min=1)
+        ones = torch.ones(len(stacked), dtype=stacked.dtype, device=stacked.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft warns that density >= 1 prunes nothing
+            return lam * ties(list(stacked), ones, density, majority_sign_method="total")
 
     return _per_tensor(task_vectors, merge)
 
@@ -83,7 +77,7 @@ def merge_task_vectors(
     raise ValueError(f"unknown merge method {method!r}; use ties, task_arithmetic or uniform")
 
 
-class ModelMerge(pl.Callback):
+class ModelMerge(Regularizer):
     """At the end of each ``independent`` stage, saves this request's task vector and replaces the
     trainable weights by θ0 + merge(τ_1..τ_n) over all requests so far.
 
@@ -101,7 +95,7 @@ class ModelMerge(pl.Callback):
         self.density = density
         self.lam = lam
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         schedule = pl_module.stage.schedule
         if schedule != "independent":
             raise ValueError(
@@ -113,18 +107,13 @@ class ModelMerge(pl.Callback):
         params = pl_module.trainable
         base = pl_module.base_weights
         tau = {n: p.detach().cpu() - base[n].cpu() for n, p in params.items()}
-        request_dir = Path(stage.request_dir)
-        if trainer.is_global_zero:
-            save_tensors(tau, request_dir / TASK_VECTOR)
+        self.record(trainer, pl_module, TASK_VECTOR, tau)
         previous = [load_tensors(Path(d) / TASK_VECTOR) for d in stage.previous_dirs]
         merged = merge_task_vectors([*previous, tau], self.method, self.density, self.lam)
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_((base[n].to(merged[n].dtype) + merged[n]).to(device=p.device, dtype=p.dtype))
-        dirs = [str(d) for d in stage.previous_dirs] + [str(request_dir)]
+        dirs = [str(d) for d in stage.previous_dirs] + [str(stage.request_dir)]
         pl_module.print(f"ModelMerge: {self.method} (density {self.density}, λ {self.lam}) over {len(dirs)} requests")
-        if trainer.is_global_zero:
-            write_json(
-                {"method": self.method, "density": self.density, "lam": self.lam, "merged": dirs},
-                request_dir / MERGE_JSON,
-            )
+        self.record(trainer, pl_module, MERGE_JSON,
+                    {"method": self.method, "density": self.density, "lam": self.lam, "merged": dirs})

@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from callbacks.base import Regularizer
+
 
 def norm_penalty(params: Mapping[str, Tensor], reference: Mapping[str, Tensor], p: int, weight: float) -> Tensor:
     """``weight * sum_d |params[d] - reference[d]|^p / N`` over all elements of ``params``.
@@ -28,7 +30,7 @@ def norm_penalty(params: Mapping[str, Tensor], reference: Mapping[str, Tensor], 
     return weight * torch.stack(terms).sum() / total
 
 
-class NormRegularizer(pl.Callback):
+class NormRegularizer(Regularizer):
     """Adds ``l{p}`` = weight * mean |θ − θ(n-1)*|^p to the loss, so a stage forgets its target with
     the smallest move away from where the previous stage left the model.
 
@@ -48,9 +50,12 @@ class NormRegularizer(pl.Callback):
     def name(self) -> str:
         return f"l{self.p}"
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def reset(self) -> None:
         self._reference = None  # a new fit is a new stage: θ(n-1)* changes
-        if stage == "fit" and self.weight > 0:
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.weight > 0:
             pl_module.add_loss_term(self.name, lambda: self._penalty(pl_module))
 
     def _penalty(self, pl_module: pl.LightningModule) -> Tensor:

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from callbacks.base import Regularizer
 from callbacks.masking import FrozenEntries
 
 
@@ -36,7 +37,7 @@ def topk_mask(importance: Mapping[str, Tensor], fraction: float) -> dict[str, Te
     return masks
 
 
-class SelectiveFineTuning(pl.Callback):
+class SelectiveFineTuning(Regularizer):
     """Trains only the top ``topk`` fraction of trainable elements by importance |g · θ(n-1)*|.
 
     g is the unlearning-loss gradient summed over ``num_timesteps`` batches walking a DDIM
@@ -54,35 +55,23 @@ class SelectiveFineTuning(pl.Callback):
         self.topk = topk
         self.num_timesteps = num_timesteps
         self.mask: dict[str, Tensor] | None = None  # bool, CPU; the state that is checkpointed
-        self._stage_index: int | None = None
         self._frozen = FrozenEntries()  # unselected entries, held at the stage start
 
     # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self.mask is None:
-            return {}
-        return {"mask": {n: m.cpu() for n, m in self.mask.items()}, "stage_index": self._stage_index}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "mask" in state_dict:
-            self.mask = {n: m.to(torch.bool) for n, m in state_dict["mask"].items()}
-            self._stage_index = state_dict.get("stage_index")
-
-    # -- hooks -------------------------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.mask, self._stage_index = None, None  # a checkpoint restore comes after
+    def reset(self) -> None:
+        self.mask = None
         self._frozen.clear()
 
+    def stage_state(self) -> dict[str, Any] | None:
+        return None if self.mask is None else {"mask": {n: m.cpu() for n, m in self.mask.items()}}
+
+    def load_stage_state(self, state: dict[str, Any]) -> None:
+        self.mask = {n: m.to(torch.bool) for n, m in state["mask"].items()}
+
+    # -- hooks -------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage_index = getattr(getattr(pl_module, "stage", None), "index", None)
-        if self.mask is not None and self._stage_index != stage_index:
-            raise ValueError(
-                f"SelectiveFineTuning mask was saved for stage {self._stage_index}, but this is stage {stage_index}"
-            )
-        if self.mask is None:
-            mask = self._compute_mask(pl_module) if trainer.is_global_zero else None
-            self.mask = trainer.strategy.broadcast(mask, src=0)
-            self._stage_index = stage_index
+        if not self.check_stage(pl_module, "mask was"):
+            self.mask = self.from_rank_zero(trainer, lambda: self._compute_mask(pl_module))
         self._check_mask(pl_module)
         self._frozen.hold(pl_module.trainable, {n: ~m for n, m in self.mask.items()}, pl_module.start_weights)
         selected = sum(int(m.sum()) for m in self.mask.values())

@@ -1,103 +1,29 @@
-"""The continual job: one fresh ``Trainer`` per request, checkpoints per request, resume, run-folder ownership.
+"""The continual job: the stage loop. One fresh ``Trainer`` per request, resume where it stopped.
 
 :class:`ContinualTrainer` is the ``trainer`` of the CLI. Its own ``fit`` walks the requests and builds a
 plain ``lightning.Trainer`` for each stage from the same settings (callbacks are deep-copied so every
 stage starts with fresh regularizer state). The walk is decided from the run folder before anything is
-written, so DDP ranks, which re-run the whole command, walk the same stages.
-
-Run folder::
-
-    run_dir/
-      job.json                       config hash and resolved config (ownership)
-      requests/01-<target>/
-        unet_delta.safetensors       the trainable tensors after this request
-        manifest.json                request, schedule, config hash, keys, sha256 of every file, wall time
-        partial/last.ckpt            mid-request checkpoint, removed once the request is finished
+written, so DDP ranks, which re-run the whole command, walk the same stages. Where things are written
+is :class:`cuig_lightning.run_folder.RunFolder`'s business.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from cuig_lightning.checkpoints import (
-    DELTA,
-    MANIFEST,
-    CheckpointError,
-    load_tensors,
-    read_manifest,
-    save_tensors,
-    write_json,
-    write_manifest,
-)
+from cuig_lightning.checkpoints import DELTA, load_tensors
 from cuig_lightning.evaluation.protocol import Evaluation, drift
 from cuig_lightning.evaluation.report import write_report
-from cuig_lightning.requests import Request, Schedule, Stage, plan_stages, validate_requests
-
-
-class RunFolderError(RuntimeError):
-    """The run folder belongs to another configuration."""
-
-
-def config_hash(config_text: str) -> str:
-    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
-
-
-class RunFolder:
-    """Owns ``run_dir``: claims it for one configuration and finds finished requests."""
-
-    def __init__(self, root: str | Path, config_text: str):
-        self.root = Path(root)
-        self.config_text = config_text
-        self.hash = config_hash(config_text)
-
-    def check_owner(self) -> None:
-        job = self.root / "job.json"
-        if job.is_file():
-            try:
-                owner = json.loads(job.read_text()).get("config_hash")
-            except json.JSONDecodeError:
-                raise RunFolderError(f"{job} is corrupt; refusing to reuse {self.root}") from None
-            if owner != self.hash:
-                raise RunFolderError(
-                    f"run folder {self.root} was made by a different config (hash {owner}, this config {self.hash}); "
-                    "choose another trainer.run_dir"
-                )
-        elif (self.root / "requests").exists():
-            raise RunFolderError(f"run folder {self.root} has requests but no job.json; refusing to reuse it")
-
-    def claim(self) -> None:
-        if not (self.root / "job.json").is_file():
-            write_json({"config_hash": self.hash, "config": self.config_text, "created": time.time()}, self.root / "job.json")
-
-    def request_dir(self, index: int, requests: list[Request]) -> Path:
-        slug = requests[0].slug if len(requests) == 1 else f"all-{len(requests)}"
-        return self.root / "requests" / f"{index + 1:02d}-{slug}"
-
-    def finished(self, folder: Path) -> dict | None:
-        """The verified manifest of a finished request, or None if it is not finished."""
-        if not (folder / MANIFEST).is_file():
-            return None
-        manifest = read_manifest(folder, verify=True)
-        if manifest.get("config_hash") != self.hash:
-            raise RunFolderError(f"{folder} was written by a different config")
-        return manifest
-
-
-def finished_requests(run_dir: str | Path) -> list[Path]:
-    """Request folders of a run that have a manifest, in order."""
-    root = Path(run_dir) / "requests"
-    return sorted(p for p in root.glob("*") if (p / MANIFEST).is_file()) if root.is_dir() else []
+from cuig_lightning.requests import Request, Schedule, Stage, erased_after, plan_stages, validate_requests
+from cuig_lightning.run_folder import SAMPLES, RunFolder
 
 
 class ContinualTrainer(L.Trainer):
@@ -138,7 +64,7 @@ class ContinualTrainer(L.Trainer):
         kwargs = dict(self._stage_kwargs)
         callbacks = [copy.deepcopy(c) for c in self._callback_templates]
         callbacks.append(
-            ModelCheckpoint(dirpath=folder / "partial", save_last=True, save_top_k=0,
+            ModelCheckpoint(dirpath=RunFolder.partial_dir(folder), save_last=True, save_top_k=0,
                             every_n_train_steps=self.checkpoint_every, enable_version_counter=False)
         )
         kwargs["callbacks"] = callbacks
@@ -167,7 +93,8 @@ class ContinualTrainer(L.Trainer):
         rows = []
         for i, (reqs, folder, manifest) in enumerate(zip(stages, folders, manifests)):
             stage = Stage(index=i, requests=reqs, erased_before=list(erased), vocabulary=datamodule.vocabulary,
-                          schedule=self.schedule, request_dir=folder, previous_dirs=folders[:i])
+                          schedule=self.schedule, request_dir=folder, previous_dirs=folders[:i],
+                          erased=erased_after(stages, i))
             if manifest is not None:
                 current = load_tensors(folder / DELTA)
                 rank_zero_info(f"[cuig] request {i + 1}/{len(stages)} ({', '.join(stage.targets)}): finished earlier, skipped")
@@ -189,11 +116,9 @@ class ContinualTrainer(L.Trainer):
         model.load_trainable(model.base_weights)
         datamodule.prepare_stage(model.diffusion, stage)
         model.begin_stage(stage, start)
-        last = folder / "partial" / "last.ckpt"
-        resume = str(last) if last.is_file() else None
+        resume = run.resume_checkpoint(folder)
         if resume:
-            _check_loadable(last)
-            rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): resuming from {last}")
+            rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): resuming from {resume}")
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         if trainer.interrupted:
             raise KeyboardInterrupt
@@ -201,25 +126,16 @@ class ContinualTrainer(L.Trainer):
         manifest = {}
         if trainer.is_global_zero:
             metrics = self._evaluate(model, stage, trainer) if self.evaluation is not None else {}
-            save_tensors(weights, folder / DELTA)
-            files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix in _RECORDED and p.name != MANIFEST)
-            manifest = write_manifest(
-                folder, files,
-                request=[vars(r) for r in stage.requests], index=stage.index + 1, schedule=self.schedule,
-                config_hash=run.hash, trainable_keys=sorted(weights), steps=trainer.global_step,
-                wall_time_s=round(time.time() - t0, 2), metrics=metrics,
-            )
-            shutil.rmtree(folder / "partial", ignore_errors=True)
+            manifest = run.write_request(stage, weights, steps=trainer.global_step,
+                                         wall_time_s=round(time.time() - t0, 2), metrics=metrics)
         trainer.strategy.barrier("cuig-request-saved")
         return weights, manifest
 
     def _evaluate(self, model, stage: Stage, trainer: L.Trainer) -> dict:
         """UA / RA-I / RA-C over every concept of this stage's domain erased so far, plus drift."""
         t0 = time.time()
-        erased = [r.target for r in self.requests[: len(stage.erased_before) + len(stage.requests)]
-                  if r.domain == stage.domain]
         model.to(trainer.strategy.root_device)
-        result = self.evaluation.evaluate(model.diffusion, erased, stage.domain, stage.request_dir / "samples.png")
+        result = self.evaluation.evaluate(model.diffusion, stage.erased, stage.domain, stage.request_dir / SAMPLES)
         metrics = {k: round(v, 3) for k, v in result.items() if k in ("UA", "RA_I", "RA_C")}
         metrics.update({k: round(v, 6) for k, v in drift(model.snapshot(), model.base_weights).items()})
         metrics["per_concept"] = result["per_concept"]
@@ -227,16 +143,3 @@ class ContinualTrainer(L.Trainer):
                        f"UA {metrics['UA']:.1f}  RA-I {metrics['RA_I']:.1f}  RA-C {metrics['RA_C']:.1f}  "
                        f"drift {metrics['drift']:.4g} ({time.time() - t0:.0f} s evaluation)")
         return metrics
-
-
-_RECORDED = (".safetensors", ".json", ".png")
-
-
-def _check_loadable(path: Path) -> None:
-    """Fail with one clear line on a damaged mid-request checkpoint (it is kept for inspection)."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to read means the file is unusable
-        raise CheckpointError(
-            f"corrupt mid-request checkpoint {path} ({type(err).__name__}); move it away to restart that request"
-        ) from None

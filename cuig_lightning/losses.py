@@ -1,4 +1,5 @@
-"""Base unlearning losses as functions of (model, batch) -> scalar loss.
+"""Base unlearning losses as pure functions of (model, batch) -> scalar loss (the method objects in
+:mod:`cuig_lightning.methods` choose one and hold its arguments).
 
 A batch is a dict of tensors drawn by :class:`cuig_lightning.data.anchors.UnlearningData`:
 ``latents`` z0, ``noise`` ε, ``timesteps`` t, ``cond_target`` (text embedding of the prompt with the
@@ -14,10 +15,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
 from torch.func import functional_call
 
-from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.models.diffusion import DiffusionModel, ddim_cfg, ddim_scheduler, trajectory_stops
 
 ConAblVariant = Literal["model", "noise"]
 
@@ -95,53 +95,6 @@ def sculpmem_loss(
     return forget + align_scale * align
 
 
-def ddim_scheduler(model: DiffusionModel, steps: int) -> DDIMScheduler:
-    """The DDIM sampler of :meth:`DiffusionModel.sample` with ``steps`` steps (timesteps high to low)."""
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps)
-    return scheduler
-
-
-def trajectory_stops(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Per item, the DDIM step whose timestep is nearest to the item's t (ties: the earlier step)."""
-    grid = scheduler.timesteps.to(timesteps.device)
-    return (grid.view(1, -1) - timesteps.view(-1, 1)).abs().argmin(dim=1)
-
-
-@torch.no_grad()
-def ddim_states(
-    model: DiffusionModel,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    noise: torch.Tensor,
-    stops: torch.Tensor,
-    scheduler: DDIMScheduler,
-    guidance: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run DDIM with classifier-free guidance (the current UNet, eta 0) from ``noise``; item i stops after
-    ``stops[i]`` steps. Returns its latent x_t there and that latent's timestep ``scheduler.timesteps[stops[i]]``.
-
-    Each step runs the UNet only on the items still on their way, so a batch costs Σ stops[i] CFG passes.
-    """
-    grid = scheduler.timesteps.to(noise.device)
-    latents = noise.float().clone()
-    out = latents.clone()
-    stops = stops.to(noise.device)
-    for k in range(int(stops.max()) + 1):
-        here = stops == k
-        out[here] = latents[here]
-        going = (stops > k).nonzero().squeeze(1)
-        if going.numel() == 0:
-            break
-        x, c = latents[going], cond[going]
-        u = uncond.expand(len(going), *uncond.shape[1:]).to(c.dtype)
-        both = model.unet(torch.cat([x, x]), grid[k], encoder_hidden_states=torch.cat([u, c])).sample
-        e_uncond, e_cond = both.float().chunk(2)
-        eps = e_uncond + guidance * (e_cond - e_uncond)
-        latents[going] = scheduler.step(eps, grid[k], x).prev_sample
-    return out, grid[stops]
-
-
 @torch.no_grad()
 def esd_target(
     model: DiffusionModel,
@@ -180,10 +133,10 @@ def esd_loss(
     nearest to the batch's t; the loss is evaluated at that step's timestep. Everything random is the
     batch's (ε, t), so the loss is as deterministic and resumable as the batch stream.
     """
-    scheduler = ddim_scheduler(model, trajectory_steps)
+    scheduler = ddim_scheduler(model.scheduler, trajectory_steps)
     cond = batch["cond_target"]
     stops = trajectory_stops(scheduler, batch["timesteps"])
-    x_t, t = ddim_states(model, cond, uncond, batch["noise"], stops, scheduler, guidance)
+    x_t, t = ddim_cfg(model.unet, scheduler, batch["noise"], cond, uncond, guidance, stops=stops, upcast=True)
     target = esd_target(model, base_weights, x_t, t, cond, uncond, eta)
     pred = model.unet(x_t, t, encoder_hidden_states=cond).sample
     return F.mse_loss(pred.float(), target)

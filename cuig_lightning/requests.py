@@ -62,8 +62,11 @@ class Stage:
         erased_before: targets erased by earlier stages, in order.
         vocabulary: the benchmark's concepts per domain, e.g. ``{"style": [...], "object": [...]}``.
         schedule: the job's schedule.
-        request_dir: folder of this stage's results (files written here are listed in its manifest).
+        request_dir: folder of this stage's results (see :mod:`cuig_lightning.run_folder`).
         previous_dirs: finished request folders of the earlier stages, in order.
+        erased: the concepts of this stage's domain erased once it is done (what UA is measured on; stored
+            in the request's manifest).
+        recorded: files callbacks recorded into ``request_dir`` (listed in its manifest).
     """
 
     index: int
@@ -73,6 +76,8 @@ class Stage:
     schedule: Schedule
     request_dir: Path
     previous_dirs: list[Path] = field(default_factory=list)
+    erased: list[str] = field(default_factory=list)
+    recorded: list[str] = field(default_factory=list)
 
     @property
     def targets(self) -> list[str]:
@@ -109,3 +114,9 @@ def plan_stages(requests: list[Request], schedule: Schedule) -> list[list[Reques
     if schedule == "simultaneous":
         return [list(requests)]
     return [[r] for r in requests]
+
+
+def erased_after(stages: list[list[Request]], index: int) -> list[str]:
+    """The concepts of stage ``index``'s domain erased once it is done (the UA set of its evaluation)."""
+    domain = stages[index][-1].domain
+    return [r.target for reqs in stages[: index + 1] for r in reqs if r.domain == domain]

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-init SD-shaped model folder and a config writer."""
+"""Shared fixtures: a tiny random-init SD-shaped model folder and a config writer (helpers and fakes: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -74,33 +74,3 @@ def make_config(tmp_path, tiny_sd, cache_dir):
         return path
 
     return make
-
-
-def write_smoke_overlay(tmp_path: Path, model_path: Path, cache_dir: Path, max_steps: int = 2) -> Path:
-    """A config overlay that shrinks a shipped job to two tiny requests on ``model_path``, without evaluation."""
-    smoke = tmp_path / "smoke.yaml"
-    smoke.write_text(yaml.safe_dump({
-        "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": max_steps, "evaluation": None,
-                    "enable_progress_bar": False, "accelerator": "cpu",
-                    "requests": [{"target": "Red_Stripes"}, {"target": "Blue_Dots"}]},
-        "model": {"model_path": str(model_path)},
-        "data": {"images_per_prompt": 1, "batch_size": 2, "sample_steps": 2, "cache_dir": str(cache_dir),
-                 "prompts": ["A Circle image."]},
-    }))
-    return smoke
-
-
-def run_cli(*args: str) -> int:
-    """Run ``cuig`` in-process; returns the exit status."""
-    from cuig_lightning.cli import main
-
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-def tree_digest(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes, to prove nothing was changed."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -98,7 +98,7 @@ def look_meaning(cosine: np.ndarray, n_per_class: int = 4) -> dict:
 
 
 def instrument(
-    config: str = "configs/seq12.yaml",
+    job: str = "configs/seq12.yaml",
     simultaneous: str = "configs/canvas_mini/simultaneous.yaml",
     seeds: list[int] = [0, 1, 2],
     runs_dir: str = "runs/instrument",
@@ -108,7 +108,7 @@ def instrument(
     """Run the instrument checks and write the report.
 
     Args:
-        config: the main job (reported sequence, retain sets, evaluation settings).
+        job: the main job's config (reported sequence, retain sets, evaluation settings).
         simultaneous: overlay that erases all the targets at once (its ``max_steps`` trains to UA >= 95).
         seeds: seeds of the sequential runs (and of the similarity check).
         runs_dir: where the jobs' run folders go (reused when finished).
@@ -118,12 +118,12 @@ def instrument(
     from cuig_lightning.evaluation.protocol import Evaluation
     from cuig_lightning.models.diffusion import DiffusionModel
 
-    cfg = yaml.safe_load(Path(config).read_text())
+    cfg = yaml.safe_load(Path(job).read_text())
     targets = [r["target"] for r in cfg["trainer"]["requests"]]
     retain = cfg["trainer"]["evaluation"]["retain_styles"]
     ev = cfg["trainer"]["evaluation"]
     runs = Path(runs_dir)
-    report: dict = {"config": config, "seeds": list(seeds)}
+    report: dict = {"job": job, "seeds": list(seeds)}
 
     t0 = time.perf_counter()
     base = Evaluation(seeds=list(base_seeds), steps=ev.get("steps", 20), guidance=ev.get("guidance", 1.5))
@@ -135,13 +135,13 @@ def instrument(
     cosine = looks.style_text_cosine()
     report["look_meaning"] = look_meaning(cosine)
 
-    seq = {s: _fit([config], runs / "sequential" / f"seed{s}", s, []) for s in seeds}
+    seq = {s: _fit([job], runs / "sequential" / f"seed{s}", s, []) for s in seeds}
     report["sequential"] = {
         str(s): {"RA_I": [r["RA_I"] for r in rows], "UA": [r["UA"] for r in rows],
                  "first_below_50": next((r["request"] for r in rows if r["RA_I"] < 50), None)}
         for s, rows in seq.items()
     }  # fmt: skip
-    sim = _fit([config, simultaneous], runs / "simultaneous" / f"seed{seeds[0]}", seeds[0], [])[-1]
+    sim = _fit([job, simultaneous], runs / "simultaneous" / f"seed{seeds[0]}", seeds[0], [])[-1]
     report["simultaneous"] = {k: sim[k] for k in ("UA", "RA_I", "RA_C", "drift_rel")}
 
     index = {s: i for i, s in enumerate(world.STYLES)}

@@ -7,7 +7,7 @@ MDS coordinate mixed with a per-style random coordinate (weight ``meaning``; the
 apart and stops any single attribute from carrying all the similarity), then squashed to [0, 1] by
 the normal CDF. So close names look somewhat alike, and far names mostly do not.
 
-    python -m cuig_lightning.canvas_mini.looks            # rewrite looks.json (deterministic)
+    python -m cuig_lightning.canvas_mini.looks            # rewrite looks.json (deterministic; not a user command)
 """
 
 from __future__ import annotations

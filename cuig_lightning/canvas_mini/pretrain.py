@@ -82,14 +82,22 @@ def pretrain(
 
     Args:
         out_dir: output folder (``unet/``, ``scheduler/``, checkpoints, logs, report).
-        steps: optimizer steps; batch_size: fresh drawings per step.
+        steps: optimizer steps.
+        batch_size: fresh drawings per step.
         lr: AdamW peak learning rate (linear warm-up over ``warmup`` steps, then cosine to 0).
         seed: seeds the drawings, noise, timesteps and the UNet's initialisation.
         ema_decay: EMA decay of the saved weights.
         cond_dropout: share of captions replaced by ``""`` (classifier-free guidance).
         neutral_share: share of drawings with the neutral look and the style-less caption.
+        warmup: learning-rate warm-up steps.
+        weight_decay: AdamW weight decay (matrices only).
         snr_gamma: min-SNR-gamma loss weight (0: plain v-MSE).
+        grad_clip: gradient-norm clipping (0: none).
+        bf16: bfloat16 autocast for the UNet.
+        checkpoint_every: steps between EMA checkpoints under ``out_dir/checkpoints`` (0: none).
         half: store fp16 weights (the shipped asset is fp16).
+        device: torch device.
+        progress: show a progress bar.
         unet_overrides: entries replacing :data:`cm.UNET_CONFIG` (e.g. smaller test models).
     """
     dev = torch.device(device)
@@ -162,4 +170,6 @@ def pretrain(
     save(out)
     report = {"settings": settings, "train_seconds": round(train_seconds, 1), "final_loss": loss_avg}
     (out / "pretrain_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"pretrained {steps} steps in {train_seconds / 60:.1f} min (final loss {loss_avg:.4f}) -> {out}; "
+          f"score it with `cuig evaluate-base --model_folder {out}`")
     return report

@@ -155,19 +155,64 @@ class DiffusionModel(nn.Module):
         guidance: float = 3.0,
         eta: float = 0.0,
     ) -> torch.Tensor:
-        """DDIM with classifier-free guidance; returns latents (the UNet's working space)."""
-        device = cond.device
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(steps, device=device)
+        """DDIM with classifier-free guidance from fresh noise; returns latents (the UNet's working space)."""
+        scheduler = ddim_scheduler(self.scheduler, steps)
         shape = (cond.shape[0], *self.latent_shape)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        uncond = uncond.expand_as(cond)
-        for t in scheduler.timesteps:
-            both = self.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-            e_uncond, e_cond = both.chunk(2)
-            eps = e_uncond + guidance * (e_cond - e_uncond)
-            latents = scheduler.step(eps, t, latents, eta=eta).prev_sample
-        return latents
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(cond.device)
+        return ddim_cfg(self.unet, scheduler, noise, cond, uncond, guidance, eta=eta)[0]
+
+
+# --------------------------------------------------------------------- the one DDIM/CFG sampler
+def ddim_scheduler(noise_scheduler, steps: int) -> DDIMScheduler:
+    """A DDIM sampler over ``steps`` steps (timesteps high to low) with the model's noise schedule."""
+    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def trajectory_stops(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per item, the DDIM step whose timestep is nearest to the item's t (ties: the earlier step)."""
+    grid = scheduler.timesteps.to(timesteps.device)
+    return (grid.view(1, -1) - timesteps.view(-1, 1)).abs().argmin(dim=1)
+
+
+@torch.no_grad()
+def ddim_cfg(
+    unet: nn.Module,
+    scheduler: DDIMScheduler,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance: float,
+    stops: torch.Tensor | None = None,
+    eta: float = 0.0,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """DDIM with classifier-free guidance from ``noise`` (evaluation sampling and ESD's trajectories).
+
+    Item i stops after ``stops[i]`` steps (default: every item runs the whole trajectory); returns each
+    item's latent there and, with ``stops``, that latent's timestep ``scheduler.timesteps[stops[i]]``.
+    Each step runs the UNet only on the items still on their way. ``upcast``: combine the two
+    predictions in float32 (ESD); otherwise in the UNet's output dtype (evaluation under autocast).
+    """
+    grid = scheduler.timesteps.to(noise.device)
+    latents = noise.float().clone()
+    given = stops is not None
+    stops = (stops if given else torch.full((len(noise),), len(grid))).to(noise.device)
+    out = latents.clone()
+    for k in range(int(stops.max()) + 1):
+        here = stops == k
+        out[here] = latents[here]
+        going = (stops > k).nonzero().squeeze(1)
+        if going.numel() == 0:
+            break
+        x, c = latents[going], cond[going]
+        u = uncond.expand(len(going), *uncond.shape[1:]).to(c.dtype)
+        both = unet(torch.cat([x, x]), grid[k], encoder_hidden_states=torch.cat([u, c])).sample
+        e_uncond, e_cond = (both.float() if upcast else both).chunk(2)
+        eps = e_uncond + guidance * (e_cond - e_uncond)
+        latents[going] = scheduler.step(eps, grid[k], x, eta=eta).prev_sample
+    return out, (grid[stops] if given else None)
 
 
 def fingerprint(path: Path) -> str:

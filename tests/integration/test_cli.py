@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import run_cli, tree_digest
+from tests.helpers import REPO, run_cli, tree_digest
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_and_fit_help():
@@ -28,7 +26,9 @@ def test_print_config_round_trips(make_config, tmp_path, capsys):
     printed = capsys.readouterr().out
     parsed = yaml.safe_load(printed)
     assert parsed["trainer"]["requests"][0]["target"] == "Van_Gogh"
-    assert parsed["model"]["trainable"] == "xattn_kv"
+    assert parsed["model"]["method"] == {"class_path": "cuig_lightning.methods.ConAbl",
+                                         "init_args": {"trainable": "xattn_kv", "variant": "model",
+                                                       "anchor_preservation": 0.0}}
     again = tmp_path / "printed.yaml"
     again.write_text(printed)
     assert run_cli("fit", "--config", str(again)) == 0

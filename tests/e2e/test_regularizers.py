@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
-from tests.test_continual import _cuig, _deltas
+from tests.helpers import cuig_process, deltas, run_cli
 
 GRADPROJ = {"class_path": "callbacks.GradientProjection", "init_args": {"k": 2}}
 SELFT = {"class_path": "callbacks.SelectiveFineTuning", "init_args": {"topk": 0.1, "num_timesteps": 3}}
@@ -20,7 +19,7 @@ def test_ddp_with_gradproj_and_selft_ranks_bitwise_equal(make_config, tmp_path):
     dump = {"class_path": "tests.helpers.DumpRankWeights", "init_args": {"folder": str(tmp_path / "ranks")}}
     cfg = make_config(requests=[{"target": "Van_Gogh"}, {"target": "Picasso"}],
                       trainer={"strategy": "ddp", "devices": 2, "max_steps": 3, "callbacks": [GRADPROJ, SELFT, dump]})
-    proc = _cuig("fit", "--config", str(cfg))
+    proc = cuig_process("fit", "--config", str(cfg))
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     for stage in (0, 1):
@@ -36,7 +35,7 @@ def test_selft_keeps_unselected_elements_in_a_real_stage(make_config, tmp_path, 
     cfg = make_config(requests=[{"target": "Van_Gogh"}], trainer={"callbacks": [SELFT]})
     assert run_cli("fit", "--config", str(cfg)) == 0
     base = dict(DiffusionModel.from_pretrained(tiny_sd).unet.named_parameters())
-    delta = load_file(_deltas(tmp_path / "run")[0])
+    delta = load_file(deltas(tmp_path / "run")[0])
     changed = sum(int((delta[k] != base[k].detach()).sum()) for k in delta)
     total = sum(v.numel() for v in delta.values())
     assert 0 < changed <= round(0.1 * total)
@@ -51,7 +50,7 @@ def test_kill_and_resume_in_a_merge_run_is_bitwise(make_config, tmp_path):
     ref = make_config("ref.yaml", requests=requests, trainer=steps, run_dir=tmp_path / "ref")
     assert run_cli("fit", "--config", str(ref)) == 0
     cfg = make_config("killed.yaml", requests=requests, trainer=steps, run_dir=tmp_path / "killed")
-    proc = _cuig("fit", "--config", str(cfg))
+    proc = cuig_process("fit", "--config", str(cfg))
     partial = tmp_path / "killed" / "requests" / "02-Picasso" / "partial" / "last.ckpt"
     deadline = time.time() + 240
     while not partial.exists() and proc.poll() is None and time.time() < deadline:
@@ -59,10 +58,10 @@ def test_kill_and_resume_in_a_merge_run_is_bitwise(make_config, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert partial.exists() and not (partial.parent.parent / "manifest.json").exists()
-    resumed = _cuig("fit", "--config", str(cfg))
+    resumed = cuig_process("fit", "--config", str(cfg))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    for a, b in zip(_deltas(tmp_path / "ref"), _deltas(tmp_path / "killed"), strict=True):
+    for a, b in zip(deltas(tmp_path / "ref"), deltas(tmp_path / "killed"), strict=True):
         x, y = load_file(a), load_file(b)
         assert all(torch.equal(x[k], y[k]) for k in x)
     # the request result is the merge, and the independent task vectors are kept beside it
@@ -84,4 +83,4 @@ def test_combinations_run(make_config, tmp_path, combo):
     cfg = make_config(requests=[{"target": "Van_Gogh"}, {"target": "Picasso"}],
                       trainer={"schedule": schedule, "callbacks": combo, "max_steps": 2})
     assert run_cli("fit", "--config", str(cfg)) == 0
-    assert len(_deltas(tmp_path / "run")) == 2
+    assert len(deltas(tmp_path / "run")) == 2

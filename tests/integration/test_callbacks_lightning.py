@@ -1,20 +1,14 @@
-"""The regularizer callbacks inside a real ``lightning.Trainer`` on a tiny fake unlearning module.
-
-``FakeUnlearning`` satisfies the module contract the callbacks rely on (trainable, start_weights,
-base_weights, add_loss_term, unlearning_loss, trajectory_batches, concept_embeddings, stage) with
-two cross-attention blocks whose names mimic the diffusers UNet.
-"""
+"""The regularizer callbacks inside a real ``lightning.Trainer`` on the tiny fake unlearning module
+(``tests.helpers.FakeUnlearning``, which satisfies the module contract the callbacks rely on)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import GradientProjection, ModelMerge, NormRegularizer, SelectiveFineTuning
 from callbacks.gradient_projection import is_projected
@@ -22,7 +16,7 @@ from callbacks.merge import merge_task_vectors
 from callbacks.norm import norm_penalty
 from callbacks.selective_finetuning import topk_mask
 from cuig_lightning.checkpoints import load_tensors
-from cuig_lightning.requests import Request, Stage
+from tests.helpers import Capture, FakeUnlearning, fit, make_stage, total_elements
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers"),
@@ -30,140 +24,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:You.re resuming from a checkpoint that ended before the epoch ended"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated"),
 ]
-
-D, INNER = 8, 6
-VOCAB = {"style": ["Target", "Near", "Mid", "Far", "Other", "Erased"], "object": ["Dogs"]}
-
-
-def _embedding_table() -> dict[str, torch.Tensor]:
-    """Concept embeddings of CLIP-like norm (~10) with known cosines to "Target" (e0)."""
-    e = torch.eye(D)
-    return {
-        "Target": 10 * e[0],
-        "Near": 10 * (e[0] + 0.3 * e[1]),  # cos 0.958
-        "Erased": 10 * (e[0] + 0.5 * e[5]),  # cos 0.894
-        "Mid": 10 * (e[0] + 0.8 * e[2]),  # cos 0.781
-        "Far": 10 * e[3],  # cos 0
-        "Other": 10 * (-e[0] + e[4]),  # cos -0.707
-        "Dogs": 10 * e[6],
-    }
-
-
-TABLE = _embedding_table()
-
-
-class _Attention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.to_q = nn.Linear(INNER, INNER, bias=False)
-        self.to_k = nn.Linear(D, INNER, bias=False)
-        self.to_v = nn.Linear(D, INNER, bias=False)
-        self.to_out = nn.Linear(INNER, INNER)
-
-
-class _Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn2 = _Attention()
-
-
-class _FakeUNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([_Block(), _Block()])
-
-
-class FakeUnlearning(pl.LightningModule):
-    """Trainable: every attn2 to_k/to_v/to_out tensor (to_q frozen). Loss: regress keys/values of
-    inputs near the target embedding onto fixed random targets."""
-
-    def __init__(self, stage: Stage, optimizer: str = "sgd", lr: float = 0.05, weight_decay: float = 0.0,
-                 data_seed: int = 1) -> None:
-        super().__init__()
-        torch.manual_seed(0)  # θ0: the same "pretrained" weights for every instance
-        self.unet = _FakeUNet()
-        for name, p in self.unet.named_parameters():
-            p.requires_grad_("to_q" not in name)
-        self.trainable = {n: p for n, p in sorted(self.unet.named_parameters()) if p.requires_grad}
-        self.base_weights = {n: p.detach().clone() for n, p in self.trainable.items()}
-        self.start_weights = {n: p.detach().clone() for n, p in self.trainable.items()}
-        self.loss_terms: dict = {}
-        self.stage = stage
-        self.opt, self.lr, self.weight_decay, self.data_seed = optimizer, lr, weight_decay, data_seed
-
-    # -- contract ---------------------------------------------------------------------------
-    def add_loss_term(self, name, fn) -> None:
-        self.loss_terms[name] = fn
-
-    def unlearning_loss(self, batch) -> torch.Tensor:
-        x, yk, yv = batch
-        loss = x.new_zeros(())
-        for block in self.unet.blocks:
-            a = block.attn2
-            loss = loss + nn.functional.mse_loss(a.to_k(x), yk) + nn.functional.mse_loss(a.to_out(a.to_v(x)), yv)
-        return loss
-
-    def _batches(self, n: int, size: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        target = self.concept_embeddings(self.stage.targets).mean(0)
-        x = target + 3.0 * torch.randn(n * size, D, generator=g)
-        return x, torch.randn(n * size, INNER, generator=g), torch.randn(n * size, INNER, generator=g)
-
-    def trajectory_batches(self, num_timesteps: int):
-        x, yk, yv = self._batches(num_timesteps, 2, seed=123)
-        for t in range(num_timesteps):
-            yield x[2 * t : 2 * t + 2], yk[2 * t : 2 * t + 2], yv[2 * t : 2 * t + 2]
-
-    def concept_embeddings(self, names: list[str]) -> torch.Tensor:
-        return torch.stack([TABLE[n] for n in names])
-
-    # -- lightning --------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        loss = self.unlearning_loss(batch)
-        for fn in self.loss_terms.values():
-            loss = loss + fn()
-        return loss
-
-    def configure_optimizers(self):
-        params = list(self.trainable.values())
-        if self.opt == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(*self._batches(8, 4, seed=self.data_seed)), batch_size=4, shuffle=False)
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.trainable.items()}
-
-
-class Capture(pl.Callback):
-    """Records the trainable weights at on_train_end, before callbacks listed after it run."""
-
-    def on_train_end(self, trainer, pl_module):
-        self.weights = pl_module.snapshot()
-
-
-def make_stage(tmp_path: Path, index: int = 0, schedule: str = "sequential", erased=(), previous=()) -> Stage:
-    return Stage(index, [Request("Target")], list(erased), VOCAB, schedule, tmp_path / f"r{index}", list(previous))
-
-
-def make_trainer(callbacks, max_steps: int = 4, root: Path | None = None) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, default_root_dir=root,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0,
-    )
-
-
-def fit(module, callbacks, max_steps: int = 4, ckpt_path=None) -> pl.Trainer:
-    trainer = make_trainer(callbacks, max_steps, root=module.stage.request_dir.parent)
-    trainer.fit(module, ckpt_path=ckpt_path)
-    return trainer
-
-
-def total_elements(module) -> int:
-    return sum(p.numel() for p in module.trainable.values())
-
 
 # ---------------------------------------------------------------------------------------- L1 / L2
 
@@ -419,3 +279,17 @@ def test_all_four_compose_on_an_independent_stage(tmp_path):
     merged = merge_task_vectors([tau], "ties", 0.5, 2.0)
     assert all(torch.equal(p, theta0[n] + merged[n]) for n, p in module.trainable.items())
     assert {f.name for f in stage.request_dir.iterdir()} == {"task_vector.safetensors", "merge.json", "gradient_projection.json"}
+
+
+# ---------------------------------------------------------------------------------------- the contract
+def test_the_module_and_the_fake_satisfy_the_contract_and_others_are_refused(tmp_path, tiny_sd):
+    from callbacks.contract import RegularizedModule
+    from cuig_lightning.module import UnlearningModule
+
+    assert isinstance(UnlearningModule(model_path=str(tiny_sd)), RegularizedModule)
+    assert isinstance(FakeUnlearning(make_stage(tmp_path)), RegularizedModule)
+
+    bare = FakeUnlearning(make_stage(tmp_path))
+    del bare.start_weights
+    with pytest.raises(TypeError, match="start_weights"):
+        fit(bare, [NormRegularizer(p=2, weight=1.0)], 1)

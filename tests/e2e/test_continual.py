@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +12,8 @@ from safetensors.torch import load_file
 
 from cuig_lightning.checkpoints import sha256_file
 from cuig_lightning.models.diffusion import DiffusionModel, trainable_names
-from tests.conftest import run_cli
+from tests.helpers import cuig_process, deltas, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _deltas(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "requests").glob("*/unet_delta.safetensors"))
 
 
 def test_three_sequential_requests_write_verified_deltas(make_config, tiny_sd, tmp_path):
@@ -55,17 +46,11 @@ def test_other_schedules(make_config, tiny_sd, tmp_path, schedule):
     requests = [{"target": "Van_Gogh"}, {"target": "Picasso"}]
     cfg = make_config(requests=requests, trainer={"schedule": schedule})
     assert run_cli("fit", "--config", str(cfg)) == 0
-    names = [p.parent.name for p in _deltas(tmp_path / "run")]
+    names = [p.parent.name for p in deltas(tmp_path / "run")]
     assert names == (["01-all-2"] if schedule == "simultaneous" else ["01-Van_Gogh", "02-Picasso"])
     if schedule == "independent":  # both start from θ0, so request 2's result does not contain request 1's
-        a, b = (load_file(p) for p in _deltas(tmp_path / "run"))
+        a, b = (load_file(p) for p in deltas(tmp_path / "run"))
         assert any(not torch.equal(a[k], b[k]) for k in a)
-
-
-def _cuig(*args: str, **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "cuig_lightning", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def test_sigkill_during_request_two_resumes_bitwise(make_config, tmp_path):
@@ -75,7 +60,7 @@ def test_sigkill_during_request_two_resumes_bitwise(make_config, tmp_path):
 
     cfg = make_config("killed.yaml", trainer=steps, run_dir=tmp_path / "killed")
     run_dir = tmp_path / "killed"
-    proc = _cuig("fit", "--config", str(cfg))
+    proc = cuig_process("fit", "--config", str(cfg))
     partial = run_dir / "requests" / "02-Picasso" / "partial" / "last.ckpt"
     deadline = time.time() + 240
     while not partial.exists() and proc.poll() is None and time.time() < deadline:
@@ -86,11 +71,11 @@ def test_sigkill_during_request_two_resumes_bitwise(make_config, tmp_path):
     assert not (run_dir / "requests" / "02-Picasso" / "manifest.json").exists(), "killed too late"
     assert partial.exists()
 
-    resumed = _cuig("fit", "--config", str(cfg))
+    resumed = cuig_process("fit", "--config", str(cfg))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert "resuming from" in out
-    for ref, got in zip(_deltas(tmp_path / "ref"), _deltas(run_dir), strict=True):
+    for ref, got in zip(deltas(tmp_path / "ref"), deltas(run_dir), strict=True):
         a, b = load_file(ref), load_file(got)
         assert all(torch.equal(a[k], b[k]) for k in a), f"{got} differs from the uninterrupted run"
 
@@ -103,7 +88,7 @@ def test_fit_on_saved_pipeline_and_export(make_config, tmp_path):
     out = tmp_path / "exported"
     assert run_cli("export", "--config", str(cfg), "--output", str(out)) == 0
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
-    delta = load_file(_deltas(tmp_path / "run")[0])
+    delta = load_file(deltas(tmp_path / "run")[0])
     params = dict(pipe.unet.named_parameters())
     assert all(torch.equal(params[k].detach(), v) for k, v in delta.items())
     image = pipe("A dog image in Van Gogh style.", num_inference_steps=2, output_type="np",
@@ -118,12 +103,12 @@ def test_ddp_two_cpu_processes_end_identical(make_config, tmp_path):
     callbacks = [{"class_path": "tests.helpers.DumpRankWeights", "init_args": {"folder": str(dump)}}]
     cfg = make_config(requests=[{"target": "Van_Gogh"}],
                       trainer={"strategy": "ddp", "devices": 2, "max_steps": 3, "callbacks": callbacks})
-    proc = _cuig("fit", "--config", str(cfg))
+    proc = cuig_process("fit", "--config", str(cfg))
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     r0, r1 = load_file(dump / "stage0-rank0.safetensors"), load_file(dump / "stage0-rank1.safetensors")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    saved = load_file(_deltas(tmp_path / "run")[0])
+    saved = load_file(deltas(tmp_path / "run")[0])
     assert all(torch.equal(r0[k], saved[k]) for k in r0)
 
 
@@ -131,7 +116,7 @@ def test_bf16_mixed_precision_on_cpu(make_config, tmp_path, tiny_sd):
     cfg = make_config(requests=[{"target": "Van_Gogh"}], trainer={"precision": "bf16-mixed"},
                       model={"frozen_dtype": "bfloat16"})
     assert run_cli("fit", "--config", str(cfg)) == 0
-    delta = load_file(_deltas(tmp_path / "run")[0])
+    delta = load_file(deltas(tmp_path / "run")[0])
     base = dict(DiffusionModel.from_pretrained(tiny_sd).unet.named_parameters())
     assert all(torch.isfinite(v).all() for v in delta.values())
     assert any(not torch.equal(v, base[k].detach()) for k, v in delta.items())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,7 @@ import yaml
 
 from cuig_lightning.canvas_mini import looks, world
 from cuig_lightning.requests import caption
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO as ROOT
 
 
 def _split(path: str) -> tuple[list[str], list[str]]:

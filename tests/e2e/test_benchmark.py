@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from cuig_lightning.benchmark import Tuning, apply_updates, candidates, choose, pearson, plan, run_benchmark
-from cuig_lightning.continual import RunFolderError
-from tests.conftest import tree_digest
+from cuig_lightning.cli import main as cuig
+from cuig_lightning.run_folder import RunFolderError
+from tests.helpers import CONFIGS, tree_digest
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_pearson_matches_hand_computation():
@@ -34,7 +34,7 @@ def test_selection_rule_and_grid():
     overlay = yaml.safe_load((CONFIGS / "canvas_mini_sculpmem" / "l2.yaml").read_text())
     tuned = apply_updates(overlay, {"NormRegularizer": {"weight": 7.0}})
     assert tuned["trainer"]["callbacks"][0]["init_args"] == {"p": 2, "weight": 7.0}
-    assert tuned["trainer"]["callbacks"][1] == overlay["trainer"]["callbacks"][1]  # DynamicMask untouched
+    assert tuned["model"] == overlay["model"]  # the method (and its mask) untouched
     with pytest.raises(ValueError, match="GradientProjection"):
         apply_updates(overlay, {"GradientProjection": {"k": 3}})
 
@@ -57,7 +57,7 @@ def test_short_benchmark_writes_table_and_plots(tmp_path, tiny_sd, cache_dir):
     base = _tiny_base(tmp_path, tiny_sd, cache_dir)
     kwargs = dict(base=str(base), rows=["sequential", "l2"], seeds=[0], output=str(tmp_path / "runs"),
                   methods={"conabl": str(CONFIGS / "canvas_mini"), "sculpmem": str(CONFIGS / "canvas_mini_sculpmem")},
-                  report=str(report))
+                  report=str(report), fit=cuig)
     table = run_benchmark(**kwargs)
     text = table.read_text()
     for method in ("conabl", "sculpmem"):
@@ -93,7 +93,7 @@ def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_d
     output, report = tmp_path / "runs", tmp_path / "results"
     kwargs = dict(base=str(_tiny_base(tmp_path, tiny_sd, cache_dir, requests=2)),
                   methods={"conabl": str(CONFIGS / "canvas_mini")}, rows=["l2"], seeds=[0],
-                  output=str(output), report=str(report), tuning=tuning, jobs=2)
+                  output=str(output), report=str(report), tuning=tuning, jobs=2, fit=cuig)
     run_benchmark(**kwargs)
 
     tuning_runs = {w: output / "tuning" / "conabl" / "l2" / f"weight{w:g}" / "seed0" for w in (0.0, 1.0e9)}
@@ -127,7 +127,7 @@ def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_pat
     assert len({run.configs[-2] for run in tuning_runs}) == len(tuning_runs)  # one overlay file per candidate
     for (method, row), pairs in tuned["runs"].items():
         for updates, run in pairs:  # each file really carries its candidate's values
-            overlay = yaml.safe_load(Path(run.configs[-2]).read_text())
+            overlay = yaml.safe_load(Path(run.all_configs()[-2]).read_text())  # written when the run launches
             got = {cb["class_path"].split(".")[-1]: cb.get("init_args", {}) for cb in overlay["trainer"]["callbacks"]}
             for cls, args in updates.items():
                 assert {k: got[cls][k] for k in args} == args, (method, row, run.key)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft.utils.merge_utils import prune
 from peft.utils.merge_utils import ties as peft_ties
 
 from callbacks.gradient_projection import GradientProjection, is_projected, projector, select_neighbours
-from callbacks.merge import merge_task_vectors, task_arithmetic, ties_merge, trim, uniform
+from callbacks.merge import merge_task_vectors, task_arithmetic, ties_merge, uniform
 from callbacks.norm import NormRegularizer, norm_penalty
 from callbacks.selective_finetuning import topk_mask
 from cuig_lightning.requests import Request, Stage
@@ -109,7 +110,7 @@ def _random_task_vectors(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 @pytest.mark.parametrize("density", [0.2, 0.5, 0.8, 1.0])
 @pytest.mark.parametrize("lam", [1.0, 1.75, 2.75])
-def test_ties_equals_peft_per_tensor(n, density, lam):
+def test_ties_is_the_peft_call_and_matches_the_formula(n, density, lam):
     tvs = _random_task_vectors(n, seed=n * 100 + int(density * 10))
     merged = ties_merge(tvs, density, lam)
     # peft weights each trimmed τ_i before the disjoint mean (the sign is elected on the unweighted
@@ -141,7 +142,7 @@ def test_merging_copies_of_one_vector_scales_it(n, lam):
         for k in tau:
             torch.testing.assert_close(merged[k], lam * tau[k], rtol=1e-6, atol=1e-7)
     # with trimming TIES returns the trimmed vector: a vector already that sparse comes back whole
-    sparse = {k: trim(v, 0.5) for k, v in tau.items()}
+    sparse = {k: prune(v, 0.5, method="magnitude") for k, v in tau.items()}
     for k, v in ties_merge([sparse] * n, density=0.5, lam=lam).items():
         torch.testing.assert_close(v, lam * sparse[k], rtol=1e-6, atol=1e-7)
 
@@ -158,7 +159,7 @@ def test_task_arithmetic_and_uniform_by_formula():
 
 def test_trim_keeps_peft_count_and_merge_keeps_dtype():
     tau = torch.tensor([0.1, -0.5, 0.3, 0.2, -0.05])
-    assert trim(tau, 0.5).tolist() == pytest.approx([0.0, -0.5, 0.3, 0.0, 0.0])  # int(2.5) = 2 kept
+    assert ties_merge([{"w": tau}], 0.5, 1.0)["w"].tolist() == pytest.approx([0.0, -0.5, 0.3, 0.0, 0.0])  # 2 kept
     half = {"w": tau.to(torch.bfloat16)}
     assert ties_merge([half, half], 0.5, 1.0)["w"].dtype == torch.bfloat16
     with pytest.raises(ValueError):

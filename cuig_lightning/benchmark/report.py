@@ -1,0 +1,216 @@
+"""Benchmark report: the main table, tuning table, per-request CSV, curves, drift and similarity scatters and
+summary.json, rebuilt from the runs' metrics.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from cuig_lightning.benchmark.plan import METRICS, Run, Tuning, load_rows, tag
+
+PAPER = {  # method.md, "The paper's main result" (ConAbl, approximate)
+    "sequential": (95, 20, 30), "simultaneous": (90, 70, 85), "l2": (92, 40, 75), "selft": (93, 35, 70),
+    "merge": (90, 50, 85), "gradproj": (90, 60, 70), "merge_gradproj": (88, 65, 85),
+}
+
+
+def write_tuning_report(tuned: dict, tuning: Tuning, out: Path) -> None:
+    """tuning.md / tuning.json: every candidate's validation metrics and the chosen one per (method, row)."""
+    lines = [f"# Hyperparameter tuning on the validation split (`{tuning.validation}`, seed {tuning.seed})", "",
+             f"Rule: among candidates with UA ≥ {tuning.min_ua:g}, the highest (RA-I + RA-C) / 2; "
+             "if none, the highest UA. Metrics after the last validation request.", "",
+             "| method | row | candidate | UA | RA-I | RA-C | chosen |", "|---|---|---|---|---|---|---|"]
+    record = {}
+    for (method, row), runs in tuned["runs"].items():
+        if not all(r.finished for _, r in runs):
+            lines.append(f"| {method} | {row} | (unfinished) | | | | |")
+            continue
+        best = tuned["chosen"](method, row)
+        record.setdefault(method, {})[row] = best
+        for updates, run in runs:
+            m = run.final_metrics()
+            lines.append(f"| {method} | {row} | {tag(updates)} | " + " | ".join(f"{m[k]:.1f}" for k in METRICS)
+                         + f" | {'**yes**' if updates == best else ''} |")
+    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+    (out / "tuning.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m = _mean(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{m:.1f} ± {s:.1f}"
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    n = len(x)
+    if n < 3:
+        return float("nan")
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else float("nan")
+
+
+def mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
+    """Mean of ``key`` over seeds against the number of concepts erased, up to the shortest curve."""
+    length = min(len(c) for c in curves)
+    return ([curves[0][k]["erased"] for k in range(length)],
+            [_mean([c[k][key] for c in curves if key in c[k]]) for k in range(length)])
+
+
+def collapse_point(curves: list[list[dict]], threshold: float = 50.0) -> int | None:
+    """The number of erased concepts at which the seed-mean RA-I first drops below ``threshold`` (None: never)."""
+    xs, ys = mean_curve(curves, "RA_I")
+    return next((x for x, y in zip(xs, ys) if y < threshold), None)
+
+
+def write_benchmark_report(runs: list[Run], out: Path, base: str) -> Path:
+    """main_table.md, per_request.csv, curves.png, drift_vs_retention.png, similarity_vs_ra_i.png and
+    summary.json under ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = {run.key: load_rows(run.run_dir) for run in runs}
+    methods = list(dict.fromkeys(m for m, _, _ in results))
+    rows = list(dict.fromkeys(r for _, r, _ in results))
+
+    def curves(method: str, row: str) -> list[list[dict]]:
+        return [res for (m, r, _), res in results.items() if m == method and r == row and res]
+
+    lines = ["| method | row | seeds | UA | RA-I | RA-C | drift (rel) | RA-I < 50 first at | paper UA / RA-I / RA-C |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    summary: dict = {"rows": {}}
+    for method in methods:
+        for row in rows:
+            finals = [c[-1] for c in curves(method, row)]
+            paper = "/".join(f"~{v}" for v in PAPER[row]) if method == "conabl" and row in PAPER else ""
+            collapse = collapse_point(curves(method, row)) if finals else None
+            lines.append(f"| {method} | {row} | {len(finals)} | " + " | ".join(
+                _mean_std([f[k] for f in finals if k in f]) for k in METRICS
+            ) + f" | {_mean_std([100 * f['drift_rel'] for f in finals if 'drift_rel' in f])}% | "
+                f"{collapse or ('never' if finals else '–')} | {paper} |")
+            if finals:
+                summary["rows"][f"{method}/{row}"] = {
+                    "seeds": len(finals), **{k: _mean([f[k] for f in finals]) for k in METRICS},
+                    "drift_rel": _mean([f["drift_rel"] for f in finals if "drift_rel" in f]),
+                    "RA_I_below_50_from": collapse}
+    table = "\n".join(lines)
+    (out / "main_table.md").write_text(
+        f"# Main table on Canvas-mini (after the last request; mean ± std over seeds)\n\n{table}\n\n"
+        "`RA-I < 50 first at`: the number of erased styles at which the seed-mean RA-I first drops below 50% "
+        "(a simultaneous run erases all 12 in one request).\n"
+        f"Made by `cuig benchmark` from `{base}`; per-request metrics of every run in per_request.csv.\n"
+    )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "row", "seed", "request", "targets", *METRICS, "drift", "drift_rel"])
+    for (method, row, seed), res in results.items():
+        for r in res:
+            writer.writerow([method, row, seed, r["request"], r["targets"],
+                             *(r.get(k, "") for k in (*METRICS, "drift", "drift_rel"))])
+    (out / "per_request.csv").write_text(buffer.getvalue())
+
+    # per-request curves: one panel per metric, one line per (method, row), mean over seeds
+    fig, axes = plt.subplots(len(methods), 3, figsize=(13, 3.4 * len(methods)), squeeze=False)
+    for i, method in enumerate(methods):
+        for j, key in enumerate(METRICS):
+            ax = axes[i][j]
+            for row in rows:
+                if curves(method, row):
+                    xs, ys = mean_curve(curves(method, row), key)
+                    ax.plot(xs, ys, marker="o" if len(xs) > 1 else "*", ms=3 if len(xs) > 1 else 11, label=row)
+            ax.set_title(f"{method}: {key.replace('_', '-')}")
+            ax.set_xlabel("styles erased (= request number; simultaneous: one request, ★)")
+            ax.set_ylim(-2, 102)
+            ax.grid(alpha=0.3)
+        axes[i][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=90)
+    plt.close(fig)
+
+    # drift vs retention, every request of every run
+    drift, ra_i, ra_c = [], [], []
+    for res in results.values():
+        for row in res:
+            if "drift_rel" in row:
+                drift.append(100 * row["drift_rel"])
+                ra_i.append(row["RA_I"])
+                ra_c.append(row["RA_C"])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter(drift, ra_i, s=8, label=f"RA-I (r = {pearson(drift, ra_i):.2f})")
+    ax.scatter(drift, ra_c, s=8, label=f"RA-C (r = {pearson(drift, ra_c):.2f})")
+    ax.set_xlabel("relative drift ‖θn − θ0‖ / ‖θ0‖ (%)")
+    ax.set_ylabel("retain accuracy (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "drift_vs_retention.png", dpi=90)
+    plt.close(fig)
+
+    summary.update({"drift_vs_RA_I_r": pearson(drift, ra_i), "drift_vs_RA_C_r": pearson(drift, ra_c),
+                    **similarity_plot(results, out / "similarity_vs_ra_i.png", base)})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(table)
+    return out / "main_table.md"
+
+
+def similarity_plot(results: dict, path: Path, base: str) -> dict[str, float]:
+    """Each retained style's max cosine similarity to the targets erased so far (text encoder of the
+    base model) against its accuracy, after every request of every run; Pearson r over all those
+    points, within each (run, request) (centred: the common drift over time taken out) and over the
+    last requests only. (After the last request of the 12-style sequence every
+    Canvas-mini retain style shares its palette with two erased styles, so the last request alone has
+    little spread in similarity.)"""
+    import matplotlib.pyplot as plt
+    import torch.nn.functional as F
+
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    model_path = yaml.safe_load(Path(base).read_text())["model"]["model_path"]
+    model = DiffusionModel.from_pretrained(model_path)
+    names = sorted({c for res in results.values() for row in res if "per_concept" in row
+                    for c in (*row["per_concept"]["unlearn"], *row["per_concept"]["retain"])})
+    index = {c: i for i, c in enumerate(names)}
+    emb = F.normalize(model.concept_embeddings(names), dim=-1) if names else None
+    points: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}  # is last request -> (xs, ys)
+    centred: tuple[list, list] = ([], [])  # minus each (run, request)'s means: drift over time taken out
+    for res in results.values():
+        for k, row in enumerate(res):
+            if "per_concept" not in row:
+                continue
+            erased = [index[c] for c in row["per_concept"]["unlearn"]]
+            sims = [float((emb[index[s]] @ emb[erased].T).max()) for s in row["per_concept"]["retain"]]
+            accs = list(row["per_concept"]["retain"].values())
+            points[k == len(res) - 1][0].extend(sims)
+            points[k == len(res) - 1][1].extend(accs)
+            centred[0].extend(x - _mean(sims) for x in sims)
+            centred[1].extend(y - _mean(accs) for y in accs)
+    every = (points[False][0] + points[True][0], points[False][1] + points[True][1])
+    r, r_last = pearson(*every), pearson(*points[True])
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.scatter(*points[False], s=5, alpha=0.35, label="after requests before the last")
+    ax.scatter(*points[True], s=8, label=f"after the last request (r = {r_last:.2f})")
+    ax.set_xlabel("max cosine similarity to the targets erased so far")
+    ax.set_ylabel("retained style accuracy (%)")
+    ax.set_title(f"Pearson r = {r:.2f} over {len(every[0])} (run, request, style) points", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return {"similarity_vs_RA_I_r": r, "similarity_vs_RA_I_r_within_request": pearson(*centred),
+            "similarity_vs_RA_I_r_last_request": r_last, "similarity_points": len(every[0])}

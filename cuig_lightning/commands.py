@@ -1,0 +1,86 @@
+"""The ``cuig`` commands that are not Trainer stages, as typed functions (their docstrings are the help):
+``benchmark``, ``pretrain``, ``evaluate-base``, ``train-classifier`` and ``instrument``. Thin wrappers: the work is done by
+:mod:`cuig_lightning.benchmark` and the :mod:`cuig_lightning.canvas_mini` package (``pretrain`` and
+``instrument`` are its functions as they are).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+from cuig_lightning.benchmark import Tuning, run_benchmark
+from cuig_lightning.canvas_mini import classifiers
+from cuig_lightning.canvas_mini import pretrain as canvas_pretrain
+from cuig_lightning.canvas_mini.instrument import instrument
+from cuig_lightning.lightning_cli import CuigCLI
+
+
+def benchmark(
+    base: str | list[str] = "configs/seq12.yaml",
+    methods: dict[str, str] | None = None,
+    rows: list[str] | None = None,
+    seeds: list[int] | None = None,
+    output: str = "results/runs",
+    report: str = "results",
+    tuning: Tuning | None = None,
+    jobs: int = 1,
+    report_only: bool = False,
+) -> None:
+    """The paper's main table: tuning on a validation split, every row x method x seed (a `cuig fit` each), the report.
+
+    Args:
+        base: the job config(s) every run starts from.
+        methods: method name -> folder holding one overlay YAML per row.
+        rows: row names (overlay file stems), in table order.
+        seeds: seeds (``seed_everything`` and ``data.seed``).
+        output: folder of the run folders (``output/method/row/seedN``, ``output/tuning/...``).
+        report: folder of the report files.
+        tuning: the hyperparameter search on a validation split (None: the overlays as they are).
+        jobs: ``cuig fit`` processes at once (1: one after another, in this process).
+        report_only: rebuild the report from the finished runs without training.
+    """
+    try:
+        run_benchmark(base, methods, rows, seeds, output, report, tuning, jobs, report_only,
+                      fit=lambda args: CuigCLI(args=args))
+    except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
+        print(f"cuig: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def evaluate_base(model_folder: Path | None = None, seeds: list[int] = [188, 288], steps: int = 20,
+                  guidance: float = 1.5, device: str = "cpu") -> None:  # fmt: skip
+    """Style / object / neutral accuracy of a Canvas-mini model over every style class x every object.
+
+    Args:
+        model_folder: a pretraining output (``unet/`` + ``scheduler/``) or a full model folder; default: the shipped model.
+        seeds: sampling seeds (one image per caption and seed).
+        steps: DDIM steps.
+        guidance: classifier-free guidance.
+        device: torch device.
+    """
+    res = canvas_pretrain.evaluate_base(model_folder, seeds=seeds, steps=steps, guidance=guidance, device=device)
+    print(json.dumps(res, indent=2))
+    print(f"style {res['style_accuracy']:.1f}  object {res['object_accuracy']:.1f}  neutral {res['neutral_accuracy']:.1f}"
+          f"  ({res['n_images']} images, DDIM {steps}, guidance {guidance})")  # fmt: skip
+
+
+def train_classifier(kind: Literal["style", "object", "both"] = "both", steps: int = 500, seed: int = 0,
+                     out: Path | None = None) -> None:  # fmt: skip
+    """Train the Canvas-mini style and/or object classifier used by the evaluation.
+
+    Args:
+        kind: ``style``, ``object`` or ``both``.
+        steps: optimizer steps (batch 128 of fresh, augmented drawings).
+        seed: random seed.
+        out: output folder (default: the shipped classifiers' folder).
+    """
+    for k in ["style", "object"] if kind == "both" else [kind]:
+        _, result = classifiers.train_classifier(k, steps=steps, seed=seed, out_dir=out or classifiers.DEFAULT_DIR)
+        print(json.dumps({"kind": k, **result}, indent=2))
+
+
+COMMANDS = {"benchmark": benchmark, "pretrain": canvas_pretrain.pretrain, "evaluate-base": evaluate_base,
+            "train-classifier": train_classifier, "instrument": instrument}

@@ -1,0 +1,96 @@
+"""The Lightning half of the ``cuig`` command line: LightningCLI over UnlearningModule, UnlearningData and
+ContinualTrainer (``fit``, ``evaluate``, ``export``, methods of :class:`CuigTrainer`). The other commands
+(:mod:`cuig_lightning.commands`) are listed in the same ``cuig --help``; :mod:`cuig_lightning.cli` dispatches.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningCLI
+
+from cuig_lightning.continual import ContinualTrainer
+from cuig_lightning.data.anchors import UnlearningData
+from cuig_lightning.evaluation.protocol import Evaluation
+from cuig_lightning.export import evaluate_request, export_request
+from cuig_lightning.module import UnlearningModule
+
+DESCRIPTION = "cuig: continual concept unlearning for text-to-image diffusion models."
+
+# Sections of the config that decide what a run computes; their hash owns the run folder.
+_OWNED_SECTIONS = ("seed_everything", "trainer", "model", "data")
+
+
+class CuigTrainer(ContinualTrainer):
+    """The continual trainer plus cuig's extra subcommands."""
+
+    def export(self, model: UnlearningModule, datamodule: UnlearningData | None = None,
+               request: int | None = None, output: str = "export") -> None:
+        """Write the model after a finished request as a diffusers folder (default: the last one).
+
+        Args:
+            request: 1-based request number in ``trainer.run_dir`` (default: the last finished request).
+            output: folder to create; it must not exist yet.
+        """
+        path = export_request(model, self.run_dir, self.config_text or "", request, Path(output))
+        print(f"exported to {path}")
+
+
+    def evaluate(self, model: UnlearningModule, datamodule: UnlearningData | None = None, request: int = -1) -> None:
+        """Evaluate a finished request of ``trainer.run_dir`` (UA / RA-I / RA-C), or the base model.
+
+        Args:
+            request: 1-based request number; -1 the last finished one; 0 the base model (style and
+                object accuracy over the full grid).
+        """
+        result = evaluate_request(model, self.run_dir, self.config_text or "", self.evaluation or Evaluation(),
+                                  request)
+        print(json.dumps(result, indent=2))
+
+
+class CuigCLI(LightningCLI):
+    """LightningCLI for fit / evaluate / export; ``commands`` (name -> typed function) are listed in the same
+    help (they are run by :func:`cuig_lightning.cli.main`, not by this class)."""
+
+    def __init__(self, args=None, run: bool = True, commands: dict[str, Callable] | None = None):
+        self.commands = dict(commands or {})
+        super().__init__(
+            UnlearningModule,
+            UnlearningData,
+            trainer_class=CuigTrainer,
+            save_config_callback=None,
+            seed_everything_default=42,
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "datamodule", "train_dataloaders", "val_dataloaders"},
+                "export": {"model", "datamodule"},
+                "evaluate": {"model", "datamodule"}}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for name, fn in self.commands.items():
+            sub = ArgumentParser(description=fn.__doc__)
+            sub.add_function_arguments(fn)
+            parser._subcommands_action.add_subcommand(name, sub, help=(fn.__doc__ or "").strip().splitlines()[0])
+
+    def _owned_config_text(self) -> str:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        owned = config.clone()
+        for key in list(owned.keys()):
+            if key.split(".")[0] not in _OWNED_SECTIONS:
+                del owned[key]
+        return json.dumps(owned.as_dict(), sort_keys=True, default=str)
+
+    def before_fit(self) -> None:
+        self.trainer.config_text = self._owned_config_text()
+
+    before_export = before_evaluate = before_fit

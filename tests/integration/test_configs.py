@@ -1,0 +1,78 @@
+"""Every shipped config parses, names the right concepts, and the main-table rows run (tiny smoke)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import CONFIGS, printed_config, run_cli, write_smoke_overlay
+
+ROWS = sorted((CONFIGS / "canvas_mini").glob("*.yaml"))
+METHOD_MD_STYLES = ("Abstractionism Byzantine Cartoon Cold_Warm Ukiyoe Van_Gogh Neon_Lines Picasso On_Fire "
+                    "Magic_Cube Winter Vibrant_Flow").split()
+METHOD_MD_OBJECTS = "Bears Birds Cats Dogs Fishes Frogs Jellyfish Rabbits Sandwiches Statues Towers Waterfalls".split()
+
+
+def test_main_table_rows_exist():
+    names = {p.stem for p in ROWS}
+    assert {"sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "merge_gradproj"} <= names
+
+
+def test_seq12_is_the_canvas_mini_sequence(capsys):
+    from cuig_lightning.canvas_mini import world
+
+    cfg = printed_config(capsys, CONFIGS / "seq12.yaml")
+    targets = [r["target"] for r in cfg["trainer"]["requests"]]
+    assert len(targets) == 12 and set(targets) <= set(world.STYLES)
+    assert cfg["data"]["vocabulary"] == {"style": world.STYLES, "object": world.OBJECTS}
+    assert cfg["model"]["model_path"] == "canvas-mini" and cfg["trainer"]["schedule"] == "sequential"
+    assert cfg["trainer"]["evaluation"] is not None
+
+
+@pytest.mark.parametrize("domain, targets", [("style", METHOD_MD_STYLES), ("object", METHOD_MD_OBJECTS)])
+def test_unlearncanvas_configs_name_the_paper_sequences(capsys, domain, targets):
+    cfg = printed_config(capsys, CONFIGS / "unlearncanvas" / f"seq12_{domain}.yaml")
+    requests = cfg["trainer"]["requests"]
+    assert [r["target"] for r in requests] == targets
+    assert {r["domain"] for r in requests} == {domain}
+    assert Path(cfg["model"]["model_path"]).is_absolute()  # a local folder, never a hub id
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda p: p.stem)
+def test_main_table_row_smoke(row, tmp_path, tiny_sd, cache_dir):
+    smoke = write_smoke_overlay(tmp_path, tiny_sd, cache_dir, max_steps=2)
+    assert run_cli("fit", "--config", str(CONFIGS / "seq12.yaml"), "--config", str(row), "--config", str(smoke)) == 0
+    assert len(list((tmp_path / "run" / "requests").glob("*/manifest.json"))) == (1 if row.stem == "simultaneous" else 2)
+
+
+# ------------------------------------------------------------------------------ SculpMem and ESD configs
+SCULPMEM_ROWS = ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "merge_gradproj"]
+ROW_CALLBACKS = {
+    "sequential": [], "simultaneous": [], "l1": ["callbacks.NormRegularizer"], "l2": ["callbacks.NormRegularizer"],
+    "selft": ["callbacks.SelectiveFineTuning"], "merge": ["callbacks.ModelMerge"],
+    "gradproj": ["callbacks.GradientProjection"],
+    "merge_gradproj": ["callbacks.GradientProjection", "callbacks.ModelMerge"],
+}
+
+
+@pytest.mark.parametrize("row", SCULPMEM_ROWS)
+def test_sculpmem_rows_parse(capsys, row):
+    cfg = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / "canvas_mini_sculpmem" / f"{row}.yaml")
+    method = cfg["model"]["method"]
+    assert method["class_path"] == "cuig_lightning.methods.SculpMem" and "trainable" not in method["init_args"]
+    classes = [c["class_path"] for c in cfg["trainer"]["callbacks"] or []]
+    assert classes == ROW_CALLBACKS[row]  # the dynamic mask comes with the method, never listed
+    expected_schedule = {"simultaneous": "simultaneous", "merge": "independent", "merge_gradproj": "independent"}
+    assert cfg["trainer"]["schedule"] == expected_schedule.get(row, "sequential")
+    assert cfg["trainer"]["run_dir"] == f"runs/canvas_mini/sculpmem-{row.replace('_', '-')}"
+    conabl = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / "canvas_mini" / f"{row}.yaml")
+    conabl_classes = [c["class_path"] for c in conabl["trainer"]["callbacks"] or []]
+    assert classes == conabl_classes  # the same rows as ConAbl's
+
+
+def test_esd_config_parses(capsys):
+    cfg = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / "canvas_mini" / "esd.yaml")
+    method = cfg["model"]["method"]
+    assert method["class_path"] == "cuig_lightning.methods.ESD" and method["init_args"]["trainable"] == "xattn"
+    assert method["init_args"]["eta"] == 1.0 and method["init_args"]["trajectory_steps"] >= 1
