@@ -19,9 +19,11 @@ Each job is an ordinary ``cuig fit`` in ``runs_dir`` (resumable; a finished one 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +35,22 @@ from cuig_lightning.canvas_mini import looks, world
 from cuig_lightning.canvas_mini.classifiers import DEFAULT_DIR, EVAL_SEED, load_classifier
 
 
-def _fit(configs: list[str], run_dir: Path, seed: int, extra: list[str]) -> list[dict]:
-    """Run (or resume) one ``cuig fit``; returns its per-request metric rows."""
-    metrics = run_dir / "metrics.json"
+def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = None) -> tuple[list[dict], float]:
+    """Run (or reuse) one ``cuig fit``: its per-request metric rows and its wall time in minutes (whole process:
+    model loading, anchor generation, training, evaluation; measured when it ran, kept beside the run folder)."""
+    metrics, clock = run_dir / "metrics.json", run_dir.parent / f"{run_dir.name}.wall_seconds"
     if not metrics.is_file():
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "cuig_lightning", "fit", *(a for c in configs for a in ("--config", c)),
-               "--trainer.run_dir", str(run_dir), "--seed_everything", str(seed), *extra]  # fmt: skip
+               "--trainer.run_dir", str(run_dir), "--seed_everything", str(seed)]  # fmt: skip
         print("$", " ".join(cmd[2:]), flush=True)
+        t0 = time.perf_counter()
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    return json.loads(metrics.read_text())
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        clock.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    wall = float(clock.read_text()) / 60 if clock.is_file() else float("nan")
+    return json.loads(metrics.read_text()), wall
 
 
 def _image_statistics(images: np.ndarray) -> np.ndarray:
@@ -97,52 +104,74 @@ def look_meaning(cosine: np.ndarray, n_per_class: int = 4) -> dict:
     }
 
 
+def _job_settings(configs: list[str]) -> tuple[list[str], list[str], dict]:
+    """The targets, retain styles and evaluation settings of a job given as a base config plus overlays."""
+    trainer: dict = {}
+    for config in configs:
+        section = yaml.safe_load(Path(config).read_text()).get("trainer", {})
+        trainer = {**trainer, **section, "evaluation": {**trainer.get("evaluation", {}), **section.get("evaluation", {})}}
+    return [r["target"] for r in trainer["requests"]], trainer["evaluation"]["retain_styles"], trainer["evaluation"]
+
+
 def instrument(
-    job: str = "configs/seq12.yaml",
+    job: list[str] = ["configs/seq12.yaml"],
     simultaneous: str = "configs/canvas_mini/simultaneous.yaml",
-    seeds: list[int] = [0, 1, 2],
+    seeds: list[int] = [42, 43, 44],
     runs_dir: str = "runs/instrument",
     output: str = "results/instrument.md",
     base_seeds: list[int] = [188, 288],
+    jobs: int = 1,
 ) -> dict:
     """Run the instrument checks and write the report.
 
     Args:
-        job: the main job's config (reported sequence, retain sets, evaluation settings).
+        job: the main job's config, plus overlays (e.g. ``configs/paper/validation.yaml`` for the validation split).
         simultaneous: overlay that erases all the targets at once (its ``max_steps`` trains to UA >= 95).
-        seeds: seeds of the sequential runs (and of the similarity check).
+        seeds: seeds of the sequential runs (and of the similarity check); the main job's own seed is 42.
         runs_dir: where the jobs' run folders go (reused when finished).
         output: the Markdown report (a ``.json`` with the same numbers is written beside it).
         base_seeds: sampling seeds of the base-model check.
+        jobs: ``cuig fit`` processes at once (each with ``cores / jobs`` threads; wall times are then under load).
     """
     from cuig_lightning.evaluation.protocol import Evaluation
     from cuig_lightning.models.diffusion import DiffusionModel
 
-    cfg = yaml.safe_load(Path(job).read_text())
-    targets = [r["target"] for r in cfg["trainer"]["requests"]]
-    retain = cfg["trainer"]["evaluation"]["retain_styles"]
-    ev = cfg["trainer"]["evaluation"]
+    targets, retain, ev = _job_settings(job)
     runs = Path(runs_dir)
-    report: dict = {"job": job, "seeds": list(seeds)}
+    report: dict = {"job": job, "seeds": list(seeds), "jobs": jobs}
 
-    t0 = time.perf_counter()
-    base = Evaluation(seeds=list(base_seeds), steps=ev.get("steps", 20), guidance=ev.get("guidance", 1.5))
-    res = base.base_accuracy(DiffusionModel.from_pretrained("canvas-mini"))
-    report["base"] = {k: round(res[k], 2) for k in ("style_accuracy", "object_accuracy", "neutral_accuracy")}
-    report["base"].update(n_images=res["n_images"], seconds=round(time.perf_counter() - t0, 1))
+    base_file = runs / "base.json"  # the base model's check, kept like the runs (it takes minutes)
+    if not base_file.is_file():
+        t0 = time.perf_counter()
+        evaluation = Evaluation(seeds=list(base_seeds), steps=ev.get("steps", 20), guidance=ev.get("guidance", 1.5))
+        res = evaluation.base_accuracy(DiffusionModel.from_pretrained("canvas-mini"))
+        base = {k: round(res[k], 2) for k in ("style_accuracy", "object_accuracy", "neutral_accuracy")}
+        base.update(n_images=res["n_images"], seeds=list(base_seeds), guidance=evaluation.guidance,
+                    seconds=round(time.perf_counter() - t0, 1), per_style=res["per_style"], per_object=res["per_object"])
+        base_file.parent.mkdir(parents=True, exist_ok=True)
+        base_file.write_text(json.dumps(base, indent=2) + "\n")
+    report["base"] = json.loads(base_file.read_text())
     report["classifiers"] = {k: json.loads((DEFAULT_DIR / f"{k}.json").read_text())["held_out"] for k in ("style", "object")}
 
     cosine = looks.style_text_cosine()
     report["look_meaning"] = look_meaning(cosine)
 
-    seq = {s: _fit([job], runs / "sequential" / f"seed{s}", s, []) for s in seeds}
+    plan = {s: (job, runs / "sequential" / f"seed{s}", s) for s in seeds}
+    plan["simultaneous"] = ([*job, simultaneous], runs / "simultaneous" / f"seed{seeds[0]}", seeds[0])
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {key: pool.submit(_fit, *args, threads) for key, args in plan.items()}
+        fits = {key: f.result() for key, f in futures.items()}
+    sim_rows, sim_wall = fits.pop("simultaneous")
+    seq = {s: rows for s, (rows, _) in fits.items()}
     report["sequential"] = {
-        str(s): {"RA_I": [r["RA_I"] for r in rows], "UA": [r["UA"] for r in rows],
-                 "first_below_50": next((r["request"] for r in rows if r["RA_I"] < 50), None)}
-        for s, rows in seq.items()
+        str(s): {"RA_I": [r["RA_I"] for r in rows], "UA": [r["UA"] for r in rows], "RA_C": [r["RA_C"] for r in rows],
+                 "first_below_50": next((r["request"] for r in rows if r["RA_I"] < 50), None),
+                 "wall_minutes": round(wall, 1)}
+        for s, (rows, wall) in fits.items()
     }  # fmt: skip
-    sim = _fit([job, simultaneous], runs / "simultaneous" / f"seed{seeds[0]}", seeds[0], [])[-1]
-    report["simultaneous"] = {k: sim[k] for k in ("UA", "RA_I", "RA_C", "drift_rel")}
+    report["simultaneous"] = {**{k: sim_rows[-1][k] for k in ("UA", "RA_I", "RA_C", "drift_rel")},
+                              "wall_minutes": round(sim_wall, 1)}  # fmt: skip
 
     index = {s: i for i, s in enumerate(world.STYLES)}
     cos = torch.tensor([cosine[index[targets[0]], index[r]] for r in retain])
@@ -180,6 +209,9 @@ def write_report(report: dict, path: Path) -> None:
         f"| look follows meaning: Spearman(text cosine, visual similarity), {lm['pairs']} style pairs | clearly > 0 | "
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in lm["spearman"].items())
         + f" | {'yes' if min(lm['spearman'].values()) > 0.1 else 'partly' if max(lm['spearman'].values()) > 0.1 else 'no'} |",
+        f"| the main job's wall time (seed {next(iter(report['sequential']))}, {report['jobs']} job(s) at once) | ≤ 10 min | "
+        f"{next(iter(report['sequential'].values()))['wall_minutes']} min | "
+        f"{'yes' if next(iter(report['sequential'].values()))['wall_minutes'] <= 10 else 'no'} |",
         f"| sequential ConAbl: first request with RA-I < 50 (seeds {', '.join(report['sequential'])}) | 3-6 | "
         f"{', '.join(str(f) for f in firsts)} | {'yes' if all(f is not None and 3 <= f <= 6 for f in firsts) else 'no'} |",
         f"| simultaneous ConAbl, all 12 targets | UA ≥ 95, RA-I ≥ 60, RA-C ≥ 80 | UA {sim['UA']:.1f}, RA-I {sim['RA_I']:.1f}, "

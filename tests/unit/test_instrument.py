@@ -1,0 +1,46 @@
+"""The instrument report: job settings from config + overlays, and the pass/fail column from the numbers."""
+
+from __future__ import annotations
+
+import json
+
+from cuig_lightning.canvas_mini.instrument import _job_settings, write_report
+from tests.helpers import CONFIGS
+
+
+def test_job_settings_merge_overlays():
+    targets, retain, evaluation = _job_settings([str(CONFIGS / "seq12.yaml")])
+    assert targets[0] == "Abstractionism" and len(retain) == 12 and evaluation["guidance"] > 0
+    v_targets, v_retain, v_eval = _job_settings([str(CONFIGS / "seq12.yaml"), str(CONFIGS / "paper" / "validation.yaml")])
+    assert v_targets[0] == "Pop_Art" and not set(v_retain) & set(retain)
+    assert v_eval["retain_objects"] == evaluation["retain_objects"]  # kept from the base config
+
+
+def _report(first_below_50, sim_ra_i, r):
+    seq = {"RA_I": [90.0, 70.0, 40.0], "UA": [95.0] * 3, "RA_C": [95.0] * 3, "first_below_50": first_below_50,
+           "wall_minutes": 8.5}  # fmt: skip
+    held = {"acc_clean": 1.0, "acc_noise": 0.99, "acc_blur": 1.0}
+    return {
+        "jobs": 1, "seeds": [42, 43],
+        "base": {"style_accuracy": 97.0, "object_accuracy": 91.0, "neutral_accuracy": 100.0, "n_images": 1176},
+        "classifiers": {"style": held, "object": held},
+        "look_meaning": {"spearman": {"look_parameters": 0.2, "image_statistics": 0.11}, "pairs": 1128,
+                         "attribute_agreement": {"hue_base": 0.3}},
+        "sequential": {"42": seq, "43": {**seq, "first_below_50": 4}},
+        "simultaneous": {"UA": 96.0, "RA_I": sim_ra_i, "RA_C": 90.0, "drift_rel": 0.1},
+        "similarity_after_request_1": {"target": "Abstractionism", "pearson_r": r, "per_seed_r": [r, r],
+                                       "styles": {"Monet": {"cosine": 0.1, "accuracy": 90.0}}},
+    }  # fmt: skip
+
+
+def test_report_marks_each_check(tmp_path):
+    path = tmp_path / "instrument.md"
+    write_report(_report(3, 70.0, -0.6), path)
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| ") and "check" not in line]
+    assert len(rows) == 7 and all(row.endswith("| yes |") for row in rows), rows
+    assert json.loads(path.with_suffix(".json").read_text())["simultaneous"]["RA_I"] == 70.0
+
+    write_report(_report(None, 40.0, -0.2), path)  # no collapse, simultaneous loses RA-I, weak similarity
+    text = path.read_text()
+    for check in ("sequential ConAbl", "simultaneous ConAbl", "after request 1"):
+        assert next(line for line in text.splitlines() if check in line).endswith("| no |"), check
