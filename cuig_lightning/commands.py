@@ -42,8 +42,11 @@ def benchmark(
         jobs: ``cuig fit`` processes at once (1: one after another, in this process).
         report_only: rebuild the report from the finished runs without training.
     """
+    base = [base] if isinstance(base, str) else list(base)
+    methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
+    rows = rows or ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "merge_gradproj"]
     try:
-        run_benchmark(base, methods, rows, seeds, output, report, tuning, jobs, report_only,
+        run_benchmark(base, methods, rows, seeds or [0, 1, 2], output, report, tuning, jobs, report_only,
                       fit=lambda args: CuigCLI(args=args))
     except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
         print(f"cuig: error: {err}", file=sys.stderr)

@@ -26,27 +26,14 @@ __all__ = ["Run", "Tuning", "apply_updates", "candidates", "choose", "execute", 
            "tag", "write_benchmark_report", "write_tuning_report"]
 
 
-def run_benchmark(
-    base: str | list[str] = "configs/seq12.yaml",
-    methods: dict[str, str] | None = None,
-    rows: list[str] | None = None,
-    seeds: list[int] | None = None,
-    output: str = "results/runs",
-    report: str = "results",
-    tuning: Tuning | None = None,
-    jobs: int = 1,
-    report_only: bool = False,
-    fit: Callable[[list[str]], object] | None = None,
-) -> Path:
+def run_benchmark(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[int], output: str,
+                  report: str, tuning: Tuning | None = None, jobs: int = 1, report_only: bool = False,
+                  fit: Callable[[list[str]], object] | None = None) -> Path:  # fmt: skip
     """Run every (method, row, seed) of the main table (after the tuning runs) and write the report.
 
     The arguments are those of ``cuig benchmark`` (:func:`cuig_lightning.commands.benchmark`, where they are
     documented), plus ``fit``, which runs one ``cuig fit`` in this process when ``jobs == 1``.
     """
-    base = [base] if isinstance(base, str) else list(base)
-    methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
-    rows = rows or ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "merge_gradproj"]
-    seeds = seeds or [0, 1, 2]
     runs, tuned = plan(base, methods, rows, seeds, Path(output), tuning)
     failed = [] if report_only else execute(runs, fit, jobs)
     path = write_benchmark_report([r for r in runs if r.key[0] != "tuning"], Path(report), base[0])

@@ -44,7 +44,9 @@ def _tiny_base(tmp_path: Path, tiny_sd: Path, cache_dir: Path, requests: int = 3
     config = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())
     config["trainer"].update(requests=config["trainer"]["requests"][:requests], max_steps=2,
                              enable_progress_bar=False, accelerator="cpu",
-                             evaluation={"seeds": [188], "steps": 2, "batch_size": 256})
+                             evaluation={**config["trainer"]["evaluation"], "seeds": [188], "steps": 2, "batch_size": 256,
+                                         "retain_styles": config["trainer"]["evaluation"]["retain_styles"][:3],
+                                         "retain_objects": config["trainer"]["evaluation"]["retain_objects"][:3]})
     config["model"]["model_path"] = str(tiny_sd)
     config["data"].update(images_per_prompt=1, batch_size=2, sample_steps=2, cache_dir=str(cache_dir),
                           prompts=["A Circle image."])
@@ -55,7 +57,7 @@ def _tiny_base(tmp_path: Path, tiny_sd: Path, cache_dir: Path, requests: int = 3
 def test_short_benchmark_writes_table_and_plots(tmp_path, tiny_sd, cache_dir):
     report = tmp_path / "results"
     base = _tiny_base(tmp_path, tiny_sd, cache_dir)
-    kwargs = dict(base=str(base), rows=["sequential", "l2"], seeds=[0], output=str(tmp_path / "runs"),
+    kwargs = dict(base=[str(base)], rows=["sequential", "l2"], seeds=[0], output=str(tmp_path / "runs"),
                   methods={"conabl": str(CONFIGS / "canvas_mini"), "sculpmem": str(CONFIGS / "canvas_mini_sculpmem")},
                   report=str(report), fit=cuig)
     table = run_benchmark(**kwargs)
@@ -86,12 +88,12 @@ def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_d
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     validation = tmp_path / "validation.yaml"
     validation.write_text(yaml.safe_dump({"trainer": {
-        "requests": [{"target": "Red_Dots"}, {"target": "Blue_Checks"}],
-        "evaluation": {"retain_styles": ["Red_Waves", "Blue_Waves"]}}}))
+        "requests": [{"target": "Pop_Art"}, {"target": "Cubism"}],
+        "evaluation": {"retain_styles": ["Artist_Sketch", "Comic_Etch"]}}}))
     tuning = Tuning(validation=str(validation), grid={"l2": {"NormRegularizer": {"weight": [0.0, 1.0e9]}}},
                     combine={"merge_gradproj": ["l2"]}, min_ua=0.0)
     output, report = tmp_path / "runs", tmp_path / "results"
-    kwargs = dict(base=str(_tiny_base(tmp_path, tiny_sd, cache_dir, requests=2)),
+    kwargs = dict(base=[str(_tiny_base(tmp_path, tiny_sd, cache_dir, requests=2))],
                   methods={"conabl": str(CONFIGS / "canvas_mini")}, rows=["l2"], seeds=[0],
                   output=str(output), report=str(report), tuning=tuning, jobs=2, fit=cuig)
     run_benchmark(**kwargs)
@@ -99,7 +101,7 @@ def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_d
     tuning_runs = {w: output / "tuning" / "conabl" / "l2" / f"weight{w:g}" / "seed0" for w in (0.0, 1.0e9)}
     finals = {w: json.loads((d / "metrics.json").read_text())[-1] for w, d in tuning_runs.items()}
     for w, d in tuning_runs.items():  # the validation sequence, not the reported one
-        assert [r["targets"] for r in json.loads((d / "metrics.json").read_text())] == ["Red_Dots", "Blue_Checks"]
+        assert [r["targets"] for r in json.loads((d / "metrics.json").read_text())] == ["Pop_Art", "Cubism"]
         assert (d.parent / "seed0.log").is_file()
     expected = max(finals, key=lambda w: (finals[w]["RA_I"] + finals[w]["RA_C"]) / 2)  # min_ua 0: all eligible
     chosen = json.loads((report / "tuning.json").read_text())["conabl"]["l2"]
