@@ -113,6 +113,23 @@ def _job_settings(configs: list[str]) -> tuple[list[str], list[str], dict]:
     return [r["target"] for r in trainer["requests"]], trainer["evaluation"]["retain_styles"], trainer["evaluation"]
 
 
+def _base_check(path: Path, seeds: list[int], steps: int, guidance: float) -> dict:
+    """The base model over the full grid (kept in ``path``, like the runs: it takes minutes)."""
+    from cuig_lightning.evaluation.protocol import Evaluation
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    if not path.is_file():
+        t0 = time.perf_counter()
+        evaluation = Evaluation(seeds=list(seeds), steps=steps, guidance=guidance)
+        res = evaluation.base_accuracy(DiffusionModel.from_pretrained("canvas-mini"))
+        base = {k: round(res[k], 2) for k in ("style_accuracy", "object_accuracy", "neutral_accuracy")}
+        base.update(n_images=res["n_images"], seeds=list(seeds), steps=steps, guidance=guidance,
+                    seconds=round(time.perf_counter() - t0, 1), per_style=res["per_style"], per_object=res["per_object"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(base, indent=2) + "\n")
+    return json.loads(path.read_text())
+
+
 def instrument(
     job: list[str] = ["configs/seq12.yaml"],
     simultaneous: str = "configs/canvas_mini/simultaneous.yaml",
@@ -133,24 +150,10 @@ def instrument(
         base_seeds: sampling seeds of the base-model check.
         jobs: ``cuig fit`` processes at once (each with ``cores / jobs`` threads; wall times are then under load).
     """
-    from cuig_lightning.evaluation.protocol import Evaluation
-    from cuig_lightning.models.diffusion import DiffusionModel
-
     targets, retain, ev = _job_settings(job)
     runs = Path(runs_dir)
     report: dict = {"job": job, "seeds": list(seeds), "jobs": jobs}
 
-    base_file = runs / "base.json"  # the base model's check, kept like the runs (it takes minutes)
-    if not base_file.is_file():
-        t0 = time.perf_counter()
-        evaluation = Evaluation(seeds=list(base_seeds), steps=ev.get("steps", 20), guidance=ev.get("guidance", 1.5))
-        res = evaluation.base_accuracy(DiffusionModel.from_pretrained("canvas-mini"))
-        base = {k: round(res[k], 2) for k in ("style_accuracy", "object_accuracy", "neutral_accuracy")}
-        base.update(n_images=res["n_images"], seeds=list(base_seeds), guidance=evaluation.guidance,
-                    seconds=round(time.perf_counter() - t0, 1), per_style=res["per_style"], per_object=res["per_object"])
-        base_file.parent.mkdir(parents=True, exist_ok=True)
-        base_file.write_text(json.dumps(base, indent=2) + "\n")
-    report["base"] = json.loads(base_file.read_text())
     report["classifiers"] = {k: json.loads((DEFAULT_DIR / f"{k}.json").read_text())["held_out"] for k in ("style", "object")}
 
     cosine = looks.style_text_cosine()
@@ -159,9 +162,13 @@ def instrument(
     plan = {s: (job, runs / "sequential" / f"seed{s}", s) for s in seeds}
     plan["simultaneous"] = ([*job, simultaneous], runs / "simultaneous" / f"seed{seeds[0]}", seeds[0])
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    if threads:
+        torch.set_num_threads(threads)  # the base check runs in this process, beside the fits
     with ThreadPoolExecutor(jobs) as pool:
+        base = pool.submit(_base_check, runs / "base.json", base_seeds, ev.get("steps", 20), ev.get("guidance", 1.5))
         futures = {key: pool.submit(_fit, *args, threads) for key, args in plan.items()}
         fits = {key: f.result() for key, f in futures.items()}
+        report["base"] = base.result()
     sim_rows, sim_wall = fits.pop("simultaneous")
     seq = {s: rows for s, (rows, _) in fits.items()}
     report["sequential"] = {
