@@ -108,6 +108,8 @@ class UnlearningModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.unlearning_loss(batch)
         self.log("loss/unlearn", loss.detach(), prog_bar=True)
+        if self.stage is not None:  # names the request in every logged row (run_dir/logs/NN-target/metrics.csv)
+            self.log("request", float(self.stage.index + 1))
         for name, term in self._loss_terms.items():
             value = term()
             self.log(f"loss/{name}", value.detach())

@@ -64,14 +64,18 @@ class Evaluation:
         retain_objects: list[str] | None = None,
         seeds: list[int] | None = None,
         steps: int = 20,
-        guidance: float = 3.0,
+        guidance: float = 1.5,
         batch_size: int = 96,
         save_samples: bool = True,
         bf16: bool = True,
     ):
         self.classifiers_spec = classifiers
         self.retain = {"style": list(retain_styles or []), "object": list(retain_objects or [])}
-        self.seeds = list(seeds or UNLEARNCANVAS_SEEDS[:2])
+        if seeds is not None and not seeds:
+            raise ValueError("trainer.evaluation.seeds is empty: give at least one seed (or evaluation: null)")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"trainer.evaluation.steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        self.seeds = list(seeds if seeds is not None else UNLEARNCANVAS_SEEDS[:2])
         self.steps, self.guidance, self.batch_size = steps, guidance, batch_size
         self.save_samples = save_samples
         self.bf16 = bf16
