@@ -232,7 +232,7 @@ class RunFolder:
             info = json.loads(info_path.read_text())
             known = {info["sha256"], info.get("previous")}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"mid-request checkpoint {last} has no valid {LAST_INFO}; {hint}") from None
+            raise CheckpointError(f"corrupt mid-request checkpoint {last} (no valid {LAST_INFO} beside it); {hint}") from None
         if sha256_file(last) not in known:
             raise CheckpointError(f"corrupt mid-request checkpoint {last} (sha256 does not match {LAST_INFO}); {hint}")
         try:
