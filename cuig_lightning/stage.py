@@ -53,7 +53,11 @@ class StageCheckpoint(ModelCheckpoint):
             return
         final = Path(filepath)
         tmp = final.with_name(f".{final.name}.tmp")  # the same name on every rank (saving is collective)
-        trainer.save_checkpoint(tmp, self.save_weights_only)
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: the previous last.ckpt stays as it was
+            raise
         if trainer.is_global_zero:
             info_path = final.with_name(LAST_INFO)
             previous = json.loads(info_path.read_text()).get("sha256") if info_path.is_file() else None
