@@ -32,6 +32,8 @@ class UnlearningModule(L.LightningModule):
             with its own arguments and trainable group; default ``ConAbl()``.
         learning_rate: AdamW learning rate per sample; multiplied by the effective batch size when
             ``scale_lr`` (the reference code's 2e-6 × batch size).
+        scale_lr: multiply ``learning_rate`` by the effective batch size (batch size × gradient accumulation ×
+            devices), as the reference code does.
         weight_decay: AdamW weight decay.
         frozen_dtype: dtype of the frozen text encoder and VAE (``bfloat16`` halves their memory).
     """

@@ -99,7 +99,8 @@ class UnlearningData(L.LightningDataModule):
         object_templates: templates with ``{}`` for object requests (filled with anchor and target).
         images_per_prompt: anchor images generated per anchor prompt.
         batch_size: training batch size per device.
-        sample_steps / guidance: DDIM steps and classifier-free guidance for anchor images.
+        sample_steps: DDIM steps of the sampler that generates the anchor images (with the base model).
+        guidance: classifier-free guidance of that sampler.
         seed: seed of anchor generation and of the training stream.
         cache_dir: where anchor latents and prompt embeddings are cached (default ``$CUIG_CACHE`` or
             ``~/.cache/cuig``).

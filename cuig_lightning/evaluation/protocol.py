@@ -49,9 +49,12 @@ class Evaluation:
 
     Args:
         classifiers: folder of the style/object classifiers (``canvas-mini``: the shipped Canvas-mini ones).
-        retain_styles / retain_objects: the retain sets (RA-I / RA-C); required to evaluate a request.
+        retain_styles: the retained styles (RA-I of style requests, RA-C of object requests); required.
+        retain_objects: the retained objects (RA-C of style requests, RA-I of object requests); required.
         seeds: one image per prompt and seed (UnlearnCanvas uses 188, 288, 588, 688, 888).
-        steps / guidance: DDIM steps and classifier-free guidance of the evaluation sampler.
+        steps: DDIM steps of the evaluation sampler.
+        guidance: classifier-free guidance of the evaluation sampler (1.5, as the configs: the base
+            Canvas-mini model is most accurate there).
         batch_size: prompts sampled at once.
         save_samples: write a PNG grid of the first seed's images into each request folder.
         bf16: sample under bfloat16 autocast (about 2.5x faster on CPUs with bf16 support).
