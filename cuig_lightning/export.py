@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 
+from cuig_lightning.checkpoints import write_json
 from cuig_lightning.evaluation.protocol import drift
 from cuig_lightning.models.diffusion import DiffusionModel
 from cuig_lightning.run_folder import RunFolder, read_job
@@ -39,7 +40,9 @@ class CanvasMiniPipeline(DiffusionPipeline):
                  generator: torch.Generator | None = None, output_type: str = "pil", eta: float = 0.0):
         """Images for ``prompt`` (one per prompt): PIL images (``output_type="pil"``) or an array in [0, 1]."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        model = DiffusionModel(self.unet, self.text_encoder, self.tokenizer, self.scheduler)
+        # the noise schedule as cuig reads any scheduler folder (DDPM), so sampling matches training and evaluation
+        noise = DDPMScheduler.from_config(self.scheduler.config)
+        model = DiffusionModel(self.unet, self.text_encoder, self.tokenizer, noise)
         device = next(self.unet.parameters()).device
         cond = model.encode_text(prompts).to(device)
         uncond = model.encode_text([""]).to(device)
@@ -61,6 +64,8 @@ def save_pipeline(model: DiffusionModel, out: Path) -> None:
     else:
         pipe = CanvasMiniPipeline(**parts)
     pipe.save_pretrained(out)
+    # the model folder's scheduler config as it was (a class's from_config drops the keys it does not know)
+    write_json(model.scheduler_config, out / "scheduler" / "scheduler_config.json")
     _drop_local_paths(out)
 
 
