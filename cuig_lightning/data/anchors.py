@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cuig_lightning.checkpoints import CheckpointError, load_tensors, save_tensors
 from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.progress import progress
 from cuig_lightning.requests import Request, Stage, concept_text
 
 DEFAULT_PROMPTS = ["A painting.", "An image.", "A picture of a scene.", "A drawing."]
@@ -157,7 +158,8 @@ class UnlearningData(L.LightningDataModule):
             cond = self._embeddings(model, prompts).to(device).repeat_interleave(self.images_per_prompt, 0)
             uncond = self._embeddings(model, [""]).to(device)
             out, g = [], torch.Generator().manual_seed(self.seed)
-            for chunk in cond.split(16):
+            chunks = cond.split(16)
+            for chunk in progress(chunks, f"anchor images ({len(cond)}, cached afterwards)", len(chunks)):
                 out.append(model.sample(chunk, uncond, g, steps=self.sample_steps, guidance=self.guidance).cpu())
             return torch.cat(out)
 

@@ -128,3 +128,26 @@ def test_run_dir_replaces_the_config(tmp_path):
     assert from_run_folder(["fit", "--config", "x"], str(tmp_path)) == ["fit", "--config", "x"]
     with pytest.raises(RunFolderError, match="not a cuig run folder"):
         from_run_folder(["export", "--run_dir=" + str(tmp_path / "none")], str(tmp_path))
+
+
+def test_pictures_are_labelled(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from cuig_lightning.evaluation.protocol import save_image_grid
+    from cuig_lightning.evaluation.report import plot_metrics
+
+    seen = {}
+    original = matplotlib.axes.Axes.set_yticks
+
+    def spy(self, ticks, labels=None, **kw):
+        seen["rows"] = list(labels or [])
+        return original(self, ticks, labels, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yticks", spy)
+    save_image_grid(torch.rand(6, 3, 8, 8), ["Monet", "Picasso"], ["Circle", "Square", "Star"], tmp_path / "g.png",
+                    erased=["Monet"])
+    assert seen["rows"] == ["Monet (erased)", "Picasso"] and (tmp_path / "g.png").stat().st_size > 1000
+    monkeypatch.undo()
+    rows = [{"request": i, "UA": 50.0, "RA_I": 90.0, "RA_C": 80.0, "drift_rel": 0.01 * i} for i in (1, 2, 3)]
+    plot_metrics(rows, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 1000
