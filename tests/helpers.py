@@ -74,7 +74,7 @@ def write_smoke_overlay(tmp_path: Path, model_path: Path, cache_dir: Path, max_s
     smoke.write_text(yaml.safe_dump({
         "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": max_steps, "evaluation": None,
                     "enable_progress_bar": False, "accelerator": "cpu",
-                    "requests": [{"target": "Red_Stripes"}, {"target": "Blue_Dots"}]},
+                    "requests": yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["requests"][:2]},
         "model": {"model_path": str(model_path)},
         "data": {"images_per_prompt": 1, "batch_size": 2, "sample_steps": 2, "cache_dir": str(cache_dir),
                  "prompts": ["A Circle image."]},

@@ -54,7 +54,8 @@ class DiffusionModel(nn.Module):
         super().__init__()
         # The folder's scheduler config as written (any class: PNDM for SD-1.5); training and sampling use
         # the DDPM / DDIM schedulers made from it, an export writes this one back.
-        self.scheduler_config = dict(scheduler_config or dict(scheduler.config, _class_name=type(scheduler).__name__))
+        self.scheduler_config = dict(scheduler_config or {}) or (
+            {**scheduler.config, "_class_name": type(scheduler).__name__} if scheduler is not None else {})
         self.unet = unet
         self.text_encoder = text_encoder
         self.vae = vae
