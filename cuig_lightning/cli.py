@@ -13,6 +13,7 @@ missing model, non-finite loss, full disk) end with one ``cuig: error: ...`` lin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -75,7 +76,8 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        with tempfile.TemporaryDirectory(prefix="cuig-") as scratch:
+        uses_run_dir = bool(argv) and argv[0] in ("evaluate", "export") and _option(argv, "--run_dir")[0] is not None
+        with tempfile.TemporaryDirectory(prefix="cuig-") if uses_run_dir else contextlib.nullcontext() as scratch:
             if argv and argv[0] in COMMANDS:
                 CLI(COMMANDS[argv[0]], args=argv[1:], as_positional=False, prog=f"cuig {argv[0]}")
             else:
