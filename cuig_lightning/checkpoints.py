@@ -27,11 +27,15 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, flush it to disk, then rename it over ``path``
+    (same filesystem, so the rename is atomic: a full disk or a kill leaves the old file or the new one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -74,8 +78,9 @@ def write_manifest(folder: Path, files: list[str], **fields: Any) -> dict:
     return manifest
 
 
-def read_manifest(folder: Path, verify: bool = True) -> dict:
-    """Read a request's manifest; with ``verify`` every listed file must match its sha256."""
+def read_manifest(folder: Path, verify: bool = True, required: tuple[str, ...] = ()) -> dict:
+    """Read a request's manifest; with ``verify`` every listed file must match its sha256. A manifest
+    vouches only for what it lists: its ``files`` map must be non-empty and name every ``required`` file."""
     path = folder / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -83,8 +88,14 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
         raise CheckpointError(f"missing manifest {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"corrupt manifest {path}: {err}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"manifest {path} lists no files with their sha256; it vouches for nothing")
+    missing = [name for name in required if name not in files]
+    if missing:
+        raise CheckpointError(f"manifest {path} does not cover {', '.join(missing)}")
     if verify:
-        for name, expected in manifest.get("files", {}).items():
+        for name, expected in files.items():
             file = folder / name
             if not file.is_file():
                 raise CheckpointError(f"{file} is listed in {path} but missing")

@@ -9,21 +9,22 @@ is :class:`cuig_lightning.run_folder.RunFolder`'s business.
 
 from __future__ import annotations
 
-import copy
-import json
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from cuig_lightning.checkpoints import DELTA, load_tensors
 from cuig_lightning.evaluation.protocol import Evaluation, drift
 from cuig_lightning.evaluation.report import write_report
 from cuig_lightning.requests import Request, Schedule, Stage, erased_after, plan_stages, validate_requests
-from cuig_lightning.run_folder import SAMPLES, RunFolder
+from cuig_lightning.run_folder import SAMPLES, RunFolder, weights_digest
+from cuig_lightning.stage import StageCheckpoint, silence_lightning_noise, stage_callbacks, stage_loggers
+from cuig_lightning.versions import library_versions
 
 
 class ContinualTrainer(L.Trainer):
@@ -34,10 +35,11 @@ class ContinualTrainer(L.Trainer):
         schedule: ``sequential`` (request n starts from the model after n-1), ``simultaneous`` (one stage
             erases all targets) or ``independent`` (each request starts from the pretrained weights; the
             input of model merging).
-        run_dir: where checkpoints, manifests and logs go; re-running the same config resumes it.
+        run_dir: where checkpoints, manifests, metrics and logs go; re-running the same config resumes it.
         checkpoint_every: optimizer steps between mid-request checkpoints (``last.ckpt``).
         evaluation: the UnlearnCanvas evaluation run after every request (None: no evaluation).
-        **kwargs: every ``lightning.Trainer`` argument, used for each stage's Trainer.
+        **kwargs: every ``lightning.Trainer`` argument, used for each stage's Trainer (``logger``: extra
+            loggers beside the CSV / TensorBoard logs in ``run_dir/logs``; ``false``: no logs).
     """
 
     def __init__(
@@ -49,27 +51,31 @@ class ContinualTrainer(L.Trainer):
         evaluation: Evaluation | None = None,
         **kwargs: Any,
     ):
+        if checkpoint_every < 1:
+            raise ValueError(f"trainer.checkpoint_every must be >= 1, got {checkpoint_every}")
         self.requests = list(requests or [])
         self.schedule = schedule
         self.run_dir = Path(run_dir)
         self.checkpoint_every = checkpoint_every
         self.evaluation = evaluation
-        self.config_text: str | None = None  # the resolved config, set by the CLI; its hash owns run_dir
-        self._stage_kwargs = dict(kwargs)
+        # The resolved config (sections seed_everything, trainer, model, data), set by the CLI: stored in
+        # job.json; its run identity (run_folder.run_identity) owns run_dir.
+        self.job_config: dict | None = None
         self._callback_templates: list[Callback] = list(kwargs.pop("callbacks", None) or [])
-        kwargs.pop("logger", None)
+        self._user_logger = kwargs.pop("logger", None)
+        kwargs["default_root_dir"] = str(self.run_dir)  # nothing Lightning writes lands outside run_dir
+        if kwargs.get("log_every_n_steps") is None:
+            kwargs["log_every_n_steps"] = 1  # one logged row per step
+        self._stage_kwargs = dict(kwargs)
+        silence_lightning_noise()
         super().__init__(logger=False, **kwargs)
 
-    def _stage_trainer(self, folder: Path) -> L.Trainer:
-        kwargs = dict(self._stage_kwargs)
-        callbacks = [copy.deepcopy(c) for c in self._callback_templates]
-        callbacks.append(
-            ModelCheckpoint(dirpath=RunFolder.partial_dir(folder), save_last=True, save_top_k=0,
-                            every_n_train_steps=self.checkpoint_every, enable_version_counter=False)
-        )
-        kwargs["callbacks"] = callbacks
-        kwargs.setdefault("default_root_dir", str(folder))
-        kwargs.setdefault("logger", L.pytorch.loggers.CSVLogger(str(folder), name="logs", version=""))
+    def _stage_trainer(self, stage: Stage, total: int, owner: dict) -> L.Trainer:
+        checkpoint = StageCheckpoint(stage.request_dir, self.checkpoint_every, owner)
+        label = f"request {stage.index + 1}/{total} {' '.join(stage.targets)}"
+        bar = self._stage_kwargs.get("enable_progress_bar") is not False
+        kwargs = dict(self._stage_kwargs, callbacks=stage_callbacks(self._callback_templates, checkpoint, label, bar),
+                      logger=stage_loggers(self.run_dir, stage, self._user_logger))
         return L.Trainer(**kwargs)
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None, weights_only=None):
@@ -77,20 +83,28 @@ class ContinualTrainer(L.Trainer):
         if datamodule is None:
             raise ValueError("the continual trainer needs the data module (the `data:` section)")
         validate_requests(self.requests, datamodule.vocabulary)
-        config_text = self.config_text or json.dumps([vars(r) for r in self.requests], sort_keys=True)
-        run = RunFolder(self.run_dir, config_text)
-        run.check_owner()
-        stages = plan_stages(self.requests, self.schedule)
-        # Decide the whole walk (and verify finished requests) before writing anything.
-        folders = [run.request_dir(i, reqs) for i, reqs in enumerate(stages)]
-        manifests = [run.finished(f) for f in folders]
-        if self.is_global_zero:
-            run.claim()
+        config = self.job_config or {"trainer": {"requests": [vars(r) for r in self.requests]}}
+        run = RunFolder(self.run_dir, config)
+        # One process per run folder (rank 0 holds the lock; the other DDP ranks follow it).
+        with run.lock() if self.is_global_zero else contextlib.nullcontext():
+            run.check_owner()
+            stages = plan_stages(self.requests, self.schedule)
+            # Decide the whole walk (and verify finished requests) before writing anything.
+            folders = [run.request_dir(i, reqs) for i, reqs in enumerate(stages)]
+            manifests = [run.finished(f) for f in folders]
+            claimed = self.is_global_zero and run.claim(library_versions())
+            try:
+                self._walk(model, datamodule, run, stages, folders, manifests)
+            except BaseException:
+                if claimed:  # a job that failed before any checkpoint never locks its folder
+                    run.release()
+                raise
 
+    def _walk(self, model, datamodule, run: RunFolder, stages, folders, manifests) -> None:
         base = model.base_weights
         current = base
         erased: list[str] = []
-        rows = []
+        rows, table = [], None
         for i, (reqs, folder, manifest) in enumerate(zip(stages, folders, manifests)):
             stage = Stage(index=i, requests=reqs, erased_before=list(erased), vocabulary=datamodule.vocabulary,
                           schedule=self.schedule, request_dir=folder, previous_dirs=folders[:i],
@@ -100,23 +114,28 @@ class ContinualTrainer(L.Trainer):
                 rank_zero_info(f"[cuig] request {i + 1}/{len(stages)} ({', '.join(stage.targets)}): finished earlier, skipped")
             else:
                 start = current if self.schedule == "sequential" else base
-                current, manifest = self._run_stage(model, datamodule, stage, start, run)
+                current, manifest = self._run_stage(model, datamodule, stage, start, run, len(stages))
             erased += stage.targets
             rows.append({"request": i + 1, "targets": " ".join(stage.targets), **manifest.get("metrics", {})})
+            if self.is_global_zero and manifest.get("metrics"):  # the table so far, readable if the job stops
+                table = write_report(self.run_dir, rows)
         model.load_trainable(current)
-        if self.is_global_zero and self.evaluation is not None:
-            rank_zero_info("\n" + write_report(self.run_dir, rows))
+        if table:
+            rank_zero_info("\n" + table)
 
-    def _run_stage(self, model, datamodule, stage: Stage, start: dict, run: RunFolder) -> tuple[dict, dict]:
+    def _run_stage(self, model, datamodule, stage: Stage, start: dict, run: RunFolder, total: int) -> tuple[dict, dict]:
         folder = stage.request_dir
         t0 = time.time()
-        trainer = self._stage_trainer(folder)
+        # Whose a mid-request checkpoint is: resuming from one of another request, config or start is refused.
+        owner = {"request": stage.index + 1, "targets": stage.targets, "run_identity": run.hash,
+                 "start_weights": weights_digest(start)}
+        trainer = self._stage_trainer(stage, total, owner)
         # Anchor images come from the base model, generated on this rank's device (then cached).
         model.to(trainer.strategy.root_device)
         model.load_trainable(model.base_weights)
         datamodule.prepare_stage(model.diffusion, stage)
         model.begin_stage(stage, start)
-        resume = run.resume_checkpoint(folder)
+        resume = run.resume_checkpoint(folder, owner)
         if resume:
             rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): resuming from {resume}")
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)

@@ -1,28 +1,146 @@
-"""Use a finished request of a run: export it as a diffusers folder, or evaluate it."""
+"""Use a finished request of a run: export it as a diffusers folder that loads with one call, or evaluate it.
+
+An export is self-contained: real files (no links into a wheel or a cache), the model folder's own
+scheduler class, no absolute local paths, and a model card (``README.md``) saying what was erased.
+
+* Stable Diffusion (a VAE): ``StableDiffusionPipeline.from_pretrained(OUT)``.
+* Canvas-mini and other pixel-space models: ``CanvasMiniPipeline.from_pretrained(OUT)``
+  (``from cuig_lightning.export import CanvasMiniPipeline``), recorded in ``model_index.json``.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+
+from cuig_lightning.checkpoints import write_json
 from cuig_lightning.evaluation.protocol import drift
-from cuig_lightning.run_folder import RunFolder
+from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.run_folder import RunFolder, read_job
+
+CARD = "README.md"
 
 
-def export_request(model, run_dir: Path, config_text: str, request: int | None, output: Path) -> Path:
+class CanvasMiniPipeline(DiffusionPipeline):
+    """Text-to-image with a pixel-space cuig model (Canvas-mini): the prompts encoded exactly as in
+    training (:meth:`DiffusionModel.encode_text`, causal mask included), then cuig's DDIM sampler with
+    classifier-free guidance (:func:`cuig_lightning.models.diffusion.ddim_cfg`)."""
+
+    model_cpu_offload_seq = "text_encoder->unet"
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 20, guidance_scale: float = 1.5,
+                 generator: torch.Generator | None = None, output_type: str = "pil", eta: float = 0.0):
+        """Images for ``prompt`` (one per prompt): PIL images (``output_type="pil"``) or an array in [0, 1]."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        # the noise schedule as cuig reads any scheduler folder (DDPM), so sampling matches training and evaluation
+        noise = DDPMScheduler.from_config(self.scheduler.config)
+        model = DiffusionModel(self.unet, self.text_encoder, self.tokenizer, noise)
+        device = next(self.unet.parameters()).device
+        cond = model.encode_text(prompts).to(device)
+        uncond = model.encode_text([""]).to(device)
+        latents = model.sample(cond, uncond, generator or torch.Generator().manual_seed(0),
+                               steps=num_inference_steps, guidance=guidance_scale, eta=eta)
+        images = model.decode(latents).permute(0, 2, 3, 1).cpu().numpy()
+        return ImagePipelineOutput(images=self.numpy_to_pil(images) if output_type == "pil" else images)
+
+
+def save_pipeline(model: DiffusionModel, out: Path) -> None:
+    """Save as a loadable diffusers pipeline with the folder's original scheduler class."""
+    parts = dict(unet=model.unet, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                 scheduler=model.original_scheduler())
+    if model.vae is not None:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(vae=model.vae, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **parts)
+    else:
+        pipe = CanvasMiniPipeline(**parts)
+    pipe.save_pretrained(out)
+    # the model folder's scheduler config as it was (a class's from_config drops the keys it does not know)
+    write_json(model.scheduler_config, out / "scheduler" / "scheduler_config.json")
+    _drop_local_paths(out)
+
+
+def _drop_local_paths(out: Path) -> None:
+    """Configs record where their parts were loaded from (``_name_or_path``): a local path, dropped."""
+    for path in out.rglob("*.json"):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            data["_name_or_path"] = path.parent.name
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _describe(entry) -> str:
+    if not isinstance(entry, dict):
+        return str(entry)
+    args = ", ".join(f"{k}={v}" for k, v in (entry.get("init_args") or {}).items())
+    return f"{entry.get('class_path')}({args})"
+
+
+def model_card(job: dict, manifests: list[dict], loader: str) -> str:
+    """What the export is: base model, method, regularizers, the concepts erased in order, metrics."""
+    config = job.get("config") if isinstance(job.get("config"), dict) else {}
+    trainer, model = config.get("trainer") or {}, config.get("model") or {}
+    base = Path(str(model.get("model_path", "?"))).name  # the folder's name only: no local path
+    last = manifests[-1]
+    metrics = {k: v for k, v in (last.get("metrics") or {}).items() if k != "per_concept"}
+    callbacks = trainer.get("callbacks") or []
+    lines = [
+        f"# cuig export: request {last['index']} of {len(trainer.get('requests') or []) or '?'}",
+        "",
+        f"- **base model**: `{base}`",
+        f"- **method**: `{_describe(model.get('method'))}`, learning rate {model.get('learning_rate')}, "
+        f"{trainer.get('max_steps')} steps per request, schedule `{last.get('schedule')}`",
+        f"- **regularizers**: {', '.join(f'`{_describe(c)}`' for c in callbacks) or 'none'}",
+        "- **erased concepts, in order**: " + ", ".join(
+            f"{m['index']}. {' + '.join(r['target'] for r in m['request'])} ({m['request'][-1]['domain']})"
+            for m in manifests),
+        f"- **metrics after request {last['index']}**: "
+        + (", ".join(f"{k} {v}" for k, v in metrics.items()) if metrics else "not evaluated"),
+        f"- **made with**: {', '.join(f'{k} {v}' for k, v in (job.get('versions') or {}).items()) or 'unknown'}",
+        "",
+        "```python",
+        loader,
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_request(model, run_dir: Path, config: dict, request: int | None, output: Path) -> Path:
     """Save the model after a finished request as a diffusers folder ``output`` (which must not exist)."""
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"export folder {output} already exists and is not empty")
-    RunFolder(run_dir, config_text).load_request(model, request)
-    model.diffusion.save_pretrained(output)
+    run = RunFolder(run_dir, config)
+    manifest = run.load_request(model, request)
+    save_pipeline(model.diffusion, output)
+    if model.diffusion.vae is not None:
+        loader = (f"from diffusers import StableDiffusionPipeline\n"
+                  f"pipe = StableDiffusionPipeline.from_pretrained({str(output.name)!r})")
+    else:
+        loader = (f"from cuig_lightning.export import CanvasMiniPipeline\n"
+                  f"pipe = CanvasMiniPipeline.from_pretrained({str(output.name)!r})")
+    loader += '\nimage = pipe("A Circle image in Monet style.").images[0]'
+    earlier = [run.finished(folder) for folder in run.finished_requests()]
+    manifests = [m for m in earlier if m and m["index"] <= manifest["index"]]
+    (output / CARD).write_text(model_card(read_job(run_dir), manifests, loader))
     return output
 
 
-def evaluate_request(model, run_dir: Path, config_text: str, evaluation, request: int) -> dict:
+def evaluate_request(model, run_dir: Path, config: dict, evaluation, request: int) -> dict:
     """Metrics of a finished request (UA / RA-I / RA-C over the concepts its manifest records as erased so
     far, drift), or with ``request == 0`` the base model's style/object accuracy over the full grid."""
     if request == 0:
         return {"request": 0, **evaluation.base_accuracy(model.diffusion, run_dir / "base_samples.png")}
-    manifest = RunFolder(run_dir, config_text).load_request(model, request)
+    manifest = RunFolder(run_dir, config).load_request(model, request)
     erased, domain = manifest["erased"], manifest["request"][-1]["domain"]
     result = evaluation.evaluate(model.diffusion, erased, domain)
     return {"request": manifest["index"], "erased": erased, **result, **drift(model.snapshot(), model.base_weights)}

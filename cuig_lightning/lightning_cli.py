@@ -10,18 +10,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import Logger
 
 from cuig_lightning.continual import ContinualTrainer
 from cuig_lightning.data.anchors import UnlearningData
 from cuig_lightning.evaluation.protocol import Evaluation
+from cuig_lightning.config_checks import check_classes
 from cuig_lightning.export import evaluate_request, export_request
+from cuig_lightning.methods import Method
 from cuig_lightning.module import UnlearningModule
 
 DESCRIPTION = "cuig: continual concept unlearning for text-to-image diffusion models."
 
-# Sections of the config that decide what a run computes; their hash owns the run folder.
-_OWNED_SECTIONS = ("seed_everything", "trainer", "model", "data")
+# The sections of a resolved config stored in job.json (run_folder.run_identity picks the keys that own the folder).
+_JOB_SECTIONS = ("seed_everything", "trainer", "model", "data")
 
 
 class CuigTrainer(ContinualTrainer):
@@ -35,7 +39,7 @@ class CuigTrainer(ContinualTrainer):
             request: 1-based request number in ``trainer.run_dir`` (default: the last finished request).
             output: folder to create; it must not exist yet.
         """
-        path = export_request(model, self.run_dir, self.config_text or "", request, Path(output))
+        path = export_request(model, self.run_dir, self.job_config or {}, request, Path(output))
         print(f"exported to {path}")
 
 
@@ -46,7 +50,7 @@ class CuigTrainer(ContinualTrainer):
             request: 1-based request number; -1 the last finished one; 0 the base model (style and
                 object accuracy over the full grid).
         """
-        result = evaluate_request(model, self.run_dir, self.config_text or "", self.evaluation or Evaluation(),
+        result = evaluate_request(model, self.run_dir, self.job_config or {}, self.evaluation or Evaluation(),
                                   request)
         print(json.dumps(result, indent=2))
 
@@ -63,7 +67,9 @@ class CuigCLI(LightningCLI):
             trainer_class=CuigTrainer,
             save_config_callback=None,
             seed_everything_default=42,
-            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
+            # no prefix matching: `--trainer.max_step 3` is an error, not max_steps
+            parser_kwargs={"exit_on_error": False, "description": DESCRIPTION, "allow_abbrev": False,
+                           **{name: {"allow_abbrev": False} for name in self.subcommands()}},
             auto_configure_optimizers=False,
             args=args,
             run=run,
@@ -82,15 +88,19 @@ class CuigCLI(LightningCLI):
             sub.add_function_arguments(fn)
             parser._subcommands_action.add_subcommand(name, sub, help=(fn.__doc__ or "").strip().splitlines()[0])
 
-    def _owned_config_text(self) -> str:
+    def before_instantiate_classes(self) -> None:
+        # Nothing named by the config is imported into life before it is known to be a callback / logger
+        # with arguments it accepts (a typo, or a `class_path: os.system`, is a one-line config error).
         config = self.config[self.subcommand] if self.subcommand else self.config
-        owned = config.clone()
-        for key in list(owned.keys()):
-            if key.split(".")[0] not in _OWNED_SECTIONS:
-                del owned[key]
-        return json.dumps(owned.as_dict(), sort_keys=True, default=str)
+        check_classes(config.get("trainer.callbacks"), Callback, "trainer.callbacks")
+        check_classes(config.get("trainer.logger"), Logger, "trainer.logger")
+        check_classes(config.get("model.method"), Method, "model.method")
+
+    def _job_config(self) -> dict:
+        config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()
+        return json.loads(json.dumps({k: config.get(k) for k in _JOB_SECTIONS}, default=str))
 
     def before_fit(self) -> None:
-        self.trainer.config_text = self._owned_config_text()
+        self.trainer.job_config = self._job_config()
 
     before_export = before_evaluate = before_fit

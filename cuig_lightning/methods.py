@@ -8,7 +8,7 @@ callbacks it needs. Selected in the config like callbacks are::
 
 The module calls :meth:`Method.loss` every training step and returns :meth:`Method.callbacks` from
 ``LightningModule.configure_callbacks()``, so SculpMem's dynamic mask never has to be listed in a config.
-The maths is in :mod:`cuig_lightning.losses` (docs/method.md, "Base unlearning losses").
+The maths is in :mod:`cuig_lightning.losses` (the paper's base losses).
 """
 
 from __future__ import annotations

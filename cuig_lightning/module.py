@@ -32,6 +32,8 @@ class UnlearningModule(L.LightningModule):
             with its own arguments and trainable group; default ``ConAbl()``.
         learning_rate: AdamW learning rate per sample; multiplied by the effective batch size when
             ``scale_lr`` (the reference code's 2e-6 × batch size).
+        scale_lr: multiply ``learning_rate`` by the effective batch size (batch size × gradient accumulation ×
+            devices), as the reference code does.
         weight_decay: AdamW weight decay.
         frozen_dtype: dtype of the frozen text encoder and VAE (``bfloat16`` halves their memory).
     """
@@ -108,6 +110,8 @@ class UnlearningModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.unlearning_loss(batch)
         self.log("loss/unlearn", loss.detach(), prog_bar=True)
+        if self.stage is not None:  # names the request in every logged row (run_dir/logs/NN-target/metrics.csv)
+            self.log("request", float(self.stage.index + 1))
         for name, term in self._loss_terms.items():
             value = term()
             self.log(f"loss/{name}", value.detach())

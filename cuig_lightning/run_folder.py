@@ -4,7 +4,9 @@ is, and loading one back for ``evaluate`` / ``export``.
 ::
 
     run_dir/
-      job.json                       config hash and resolved config (ownership)
+      job.json                       run identity hash, resolved config, library versions (ownership)
+      .lock                          held (flock) by the one ``fit`` process working on the folder
+      logs/<NN-target>/metrics.csv   one row per logged step (TensorBoard events too when installed)
       metrics.{json,csv,md,png}      one row per request (evaluation/report.py)
       requests/01-<target>/
         unet_delta.safetensors       the trainable tensors after this request
@@ -13,16 +15,21 @@ is, and loading one back for ``evaluate`` / ``export``.
         samples.png                  the evaluation grid
         <recorded files>             what callbacks record (Regularizer.record -> record_file)
         partial/last.ckpt            mid-request checkpoint, removed once the request is finished
+        partial/last.json            its sha256 and whose it is (request, run identity, start weights)
 
 Files are written atomically by :mod:`cuig_lightning.checkpoints`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +42,87 @@ from cuig_lightning.checkpoints import (
     load_tensors,
     read_manifest,
     save_tensors,
+    sha256_file,
     write_json,
     write_manifest,
 )
 from cuig_lightning.requests import Request, Stage
 
 JOB = "job.json"
+LOCK = ".lock"
+LOGS = "logs"
 SAMPLES = "samples.png"
 PARTIAL = "partial"
 LAST = "last.ckpt"
+LAST_INFO = "last.json"
+
+#: The ``trainer`` keys that decide the trained weights, hence the run identity (with ``seed_everything``,
+#: ``model`` and ``data``). Everything else (run_dir, evaluation, devices, accelerator, strategy, logging,
+#: progress bar, checkpoint_every, ...) can change between ``fit`` / ``evaluate`` / ``export`` of one run.
+IDENTITY_TRAINER_KEYS = (
+    "requests", "schedule", "max_steps", "max_epochs", "min_steps", "min_epochs", "callbacks", "precision",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "deterministic",
+    "limit_train_batches", "overfit_batches", "plugins",
+)
+#: ``data`` keys that do not change what is trained (where the anchor cache lives).
+NON_IDENTITY_DATA_KEYS = ("cache_dir",)
 
 
 class RunFolderError(RuntimeError):
-    """The run folder belongs to another configuration."""
+    """The run folder belongs to another configuration, is in use, or its job.json is unreadable."""
 
 
-def config_hash(config_text: str) -> str:
-    return hashlib.sha256(config_text.encode()).hexdigest()[:16]
+def run_identity(config: dict) -> dict:
+    """The part of a resolved config (sections ``seed_everything``, ``trainer``, ``model``, ``data``) that
+    decides the trained weights; its hash owns the run folder."""
+    trainer = config.get("trainer") or {}
+    data = config.get("data") or {}
+    return {
+        "seed_everything": config.get("seed_everything"),
+        "trainer": {k: trainer.get(k) for k in IDENTITY_TRAINER_KEYS},
+        "model": config.get("model"),
+        "data": {k: v for k, v in data.items() if k not in NON_IDENTITY_DATA_KEYS},
+    }
+
+
+def identity_hash(config: dict) -> str:
+    text = json.dumps(run_identity(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes, bytes), to tell which weights a stage started from."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_job(root: str | Path) -> dict:
+    """A run folder's ``job.json`` (its identity hash, resolved config, library versions)."""
+    path = Path(root) / JOB
+    if not path.is_file():
+        raise RunFolderError(f"{path} not found: {root} is not a cuig run folder")
+    try:
+        job = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path} is corrupt ({err}); move it away or choose another run_dir") from None
+    if not isinstance(job, dict) or not isinstance(job.get("config_hash"), str):
+        raise RunFolderError(f"{path} is not a cuig job file (no config_hash); move it away or choose another run_dir")
+    return job
+
+
+def saved_config(root: str | Path) -> dict:
+    """The resolved config a run was fitted with (what ``evaluate`` / ``export --run_dir`` use)."""
+    job = read_job(root)
+    config = job.get("config")
+    if isinstance(config, str):  # job.json of older runs: the config as JSON text
+        config = json.loads(config)
+    if not isinstance(config, dict):
+        raise RunFolderError(f"{Path(root) / JOB} holds no config")
+    return config
 
 
 def record_file(stage: Stage, name: str, data: Any) -> None:
@@ -70,30 +141,64 @@ class RunFolder:
     """Owns ``run_dir``: claims it for one configuration, names request folders, writes and finds finished
     requests, loads one back."""
 
-    def __init__(self, root: str | Path, config_text: str):
+    def __init__(self, root: str | Path, config: dict):
         self.root = Path(root)
-        self.config_text = config_text
-        self.hash = config_hash(config_text)
+        self.config = config
+        self.hash = identity_hash(config)
 
     # -- ownership ---------------------------------------------------------------------------
     def check_owner(self) -> None:
-        job = self.root / JOB
-        if job.is_file():
-            try:
-                owner = json.loads(job.read_text()).get("config_hash")
-            except json.JSONDecodeError:
-                raise RunFolderError(f"{job} is corrupt; refusing to reuse {self.root}") from None
+        if (self.root / JOB).exists():
+            owner = read_job(self.root)["config_hash"]
             if owner != self.hash:
                 raise RunFolderError(
-                    f"run folder {self.root} was made by a different config (hash {owner}, this config {self.hash}); "
-                    "choose another trainer.run_dir"
+                    f"run folder {self.root} was made by a different config (run identity {owner}, this config "
+                    f"{self.hash}; the keys that count are listed in README 'Run folder'); choose another "
+                    "trainer.run_dir, or use `--run_dir` with evaluate / export"
                 )
         elif (self.root / "requests").exists():
             raise RunFolderError(f"run folder {self.root} has requests but no job.json; refusing to reuse it")
 
-    def claim(self) -> None:
-        if not (self.root / JOB).is_file():
-            write_json({"config_hash": self.hash, "config": self.config_text, "created": time.time()}, self.root / JOB)
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's exclusive lock (one ``fit`` process per run folder); refuse if another holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    raise RunFolderError(f"run folder {self.root} is in use by another cuig process") from None
+                raise
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def claim(self, versions: dict | None = None) -> bool:
+        """Write job.json (identity hash, the resolved config, library versions) if the folder has none;
+        True if this call claimed it."""
+        if (self.root / JOB).is_file():
+            return False
+        write_json({"config_hash": self.hash, "identity": run_identity(self.config), "config": self.config,
+                    "versions": versions or {}, "created": time.time()}, self.root / JOB)
+        return True
+
+    def has_progress(self) -> bool:
+        """Whether anything resumable was written (a finished request or a mid-request checkpoint)."""
+        root = self.root / "requests"
+        return root.is_dir() and any(
+            (d / MANIFEST).is_file() or (d / PARTIAL / LAST).is_file() for d in root.iterdir()
+        )
+
+    def release(self) -> None:
+        """Undo a claim that led to nothing resumable (a job that failed before its first checkpoint), so a
+        corrected config can use the folder: job.json, logs and the (empty of results) request folders go."""
+        if self.has_progress():
+            return
+        for name in ("requests", LOGS):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        (self.root / JOB).unlink(missing_ok=True)
 
     # -- requests ----------------------------------------------------------------------------
     def request_dir(self, index: int, requests: list[Request]) -> Path:
@@ -104,7 +209,7 @@ class RunFolder:
         """The verified manifest of a finished request, or None if it is not finished."""
         if not (folder / MANIFEST).is_file():
             return None
-        manifest = read_manifest(folder, verify=True)
+        manifest = read_manifest(folder, verify=True, required=(DELTA,))
         if manifest.get("config_hash") != self.hash:
             raise RunFolderError(f"{folder} was written by a different config")
         return manifest
@@ -113,18 +218,33 @@ class RunFolder:
     def partial_dir(folder: Path) -> Path:
         return folder / PARTIAL
 
-    def resume_checkpoint(self, folder: Path) -> str | None:
-        """The mid-request checkpoint to resume from (None: start the request); a damaged one stops the job
-        with one clear line and is kept for inspection."""
+    def resume_checkpoint(self, folder: Path, owner: dict) -> str | None:
+        """The mid-request checkpoint to resume from (None: start the request). It must be one this run
+        wrote for this request: its sha256 as recorded in ``last.json`` and its ``owner`` (request, run
+        identity, start weights; see :class:`cuig_lightning.continual.StageCheckpoint`) as expected. A
+        damaged or foreign one stops the job with one clear line and is kept for inspection."""
         last = self.partial_dir(folder) / LAST
         if not last.is_file():
             return None
+        hint = "move partial/ away to restart that request"
+        info_path = last.with_name(LAST_INFO)
         try:
-            torch.load(last, map_location="cpu", weights_only=True)
+            info = json.loads(info_path.read_text())
+            known = {info["sha256"], info.get("previous")}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"corrupt mid-request checkpoint {last} (no valid {LAST_INFO} beside it); {hint}") from None
+        if sha256_file(last) not in known:
+            raise CheckpointError(f"corrupt mid-request checkpoint {last} (sha256 does not match {LAST_INFO}); {hint}")
+        try:
+            saved = torch.load(last, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure to read means the file is unusable
+            raise CheckpointError(f"corrupt mid-request checkpoint {last} ({type(err).__name__}); {hint}") from None
+        found = saved.get("cuig") if isinstance(saved, dict) else None
+        if found != owner:
             raise CheckpointError(
-                f"corrupt mid-request checkpoint {last} ({type(err).__name__}); move it away to restart that request"
-            ) from None
+                f"mid-request checkpoint {last} belongs to another request, config or start weights "
+                f"({found and {k: v for k, v in found.items() if owner.get(k) != v}}); {hint}"
+            )
         return str(last)
 
     def write_request(self, stage: Stage, weights: dict[str, torch.Tensor], **fields: Any) -> dict:
@@ -160,6 +280,6 @@ class RunFolder:
             if not matches:
                 raise CheckpointError(f"request {request} is not finished in {self.root} (finished: {len(done)})")
             folder = matches[0]
-        manifest = read_manifest(folder, verify=True)
+        manifest = read_manifest(folder, verify=True, required=(DELTA,))
         model.load_trainable(load_tensors(folder / DELTA))
         return manifest

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +35,30 @@ def deltas(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "requests").glob("*/unet_delta.safetensors"))
 
 
-def cuig_process(*args: str, **kw) -> subprocess.Popen:
-    """``python -m cuig_lightning ARGS`` as a subprocess (for kill/resume and DDP tests)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    return subprocess.Popen([sys.executable, "-m", "cuig_lightning", *args], cwd=REPO, env=env,
+def cuig_process(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    """``python -m cuig_lightning ARGS`` as a subprocess (for kill/resume and DDP tests); ``env`` adds variables."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "cuig_lightning", *args], cwd=kw.pop("cwd", REPO), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def write_tiny_job(path: Path, model_path: Path, cache_dir: Path, run_dir: Path, requests: int = 2,
+                   evaluation: bool = True, **trainer) -> Path:
+    """``configs/seq12.yaml`` shrunk to ``requests`` tiny requests on ``model_path`` (evaluated with one seed
+    and 2 DDIM steps unless ``evaluation`` is False), as one self-contained config file."""
+    config = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())
+    config["trainer"].update({"run_dir": str(run_dir), "requests": config["trainer"]["requests"][:requests],
+                              "max_steps": 3, "checkpoint_every": 2, "enable_progress_bar": False,
+                              "accelerator": "cpu", **trainer})
+    if evaluation:
+        config["trainer"]["evaluation"].update(seeds=[188], steps=2, batch_size=256)
+    else:
+        config["trainer"]["evaluation"] = None
+    config["model"]["model_path"] = str(model_path)
+    config["data"].update(images_per_prompt=1, batch_size=2, sample_steps=2, cache_dir=str(cache_dir),
+                          prompts=["A Circle image."])
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def printed_config(capsys, *configs: Path) -> dict:
@@ -54,7 +74,7 @@ def write_smoke_overlay(tmp_path: Path, model_path: Path, cache_dir: Path, max_s
     smoke.write_text(yaml.safe_dump({
         "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": max_steps, "evaluation": None,
                     "enable_progress_bar": False, "accelerator": "cpu",
-                    "requests": [{"target": "Abstractionism"}, {"target": "Byzantine"}]},
+                    "requests": yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["requests"][:2]},
         "model": {"model_path": str(model_path)},
         "data": {"images_per_prompt": 1, "batch_size": 2, "sample_steps": 2, "cache_dir": str(cache_dir),
                  "prompts": ["A Circle image."]},
@@ -87,6 +107,16 @@ class DumpRankWeights(L.Callback):
     def on_train_end(self, trainer, pl_module):
         out = Path(self.folder) / f"stage{pl_module.stage.index}-rank{trainer.global_rank}.safetensors"
         save_tensors(pl_module.snapshot(), out)
+
+
+class DieAt(L.Callback):
+    """SIGKILLs its own process in ``on_train_end`` of the stage named by ``$CUIG_TEST_DIE_AT`` (0-based), before
+    the callbacks listed after it run (e.g. ModelMerge): a kill after a request's last step. Without the
+    variable it does nothing, so the killed and the resuming command have the same config."""
+
+    def on_train_end(self, trainer, pl_module):
+        if os.environ.get("CUIG_TEST_DIE_AT") == str(pl_module.stage.index):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class PoisonWeights(L.Callback):

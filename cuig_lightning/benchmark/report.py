@@ -13,7 +13,7 @@ import yaml
 
 from cuig_lightning.benchmark.plan import METRICS, Run, Tuning, load_rows, tag
 
-PAPER = {  # method.md, "The paper's main result" (ConAbl, approximate)
+PAPER = {  # the paper's main result (ConAbl, approximate)
     "sequential": (95, 20, 30), "simultaneous": (90, 70, 85), "l2": (92, 40, 75), "selft": (93, 35, 70),
     "merge": (90, 50, 85), "gradproj": (90, 60, 70), "merge_gradproj": (88, 65, 85),
 }

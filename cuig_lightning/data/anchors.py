@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from cuig_lightning.checkpoints import CheckpointError, load_tensors, save_tensors
 from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.progress import progress
 from cuig_lightning.requests import Request, Stage, concept_text
 
 DEFAULT_PROMPTS = ["A painting.", "An image.", "A picture of a scene.", "A drawing."]
@@ -99,7 +100,8 @@ class UnlearningData(L.LightningDataModule):
         object_templates: templates with ``{}`` for object requests (filled with anchor and target).
         images_per_prompt: anchor images generated per anchor prompt.
         batch_size: training batch size per device.
-        sample_steps / guidance: DDIM steps and classifier-free guidance for anchor images.
+        sample_steps: DDIM steps of the sampler that generates the anchor images (with the base model).
+        guidance: classifier-free guidance of that sampler.
         seed: seed of anchor generation and of the training stream.
         cache_dir: where anchor latents and prompt embeddings are cached (default ``$CUIG_CACHE`` or
             ``~/.cache/cuig``).
@@ -156,7 +158,8 @@ class UnlearningData(L.LightningDataModule):
             cond = self._embeddings(model, prompts).to(device).repeat_interleave(self.images_per_prompt, 0)
             uncond = self._embeddings(model, [""]).to(device)
             out, g = [], torch.Generator().manual_seed(self.seed)
-            for chunk in cond.split(16):
+            chunks = cond.split(16)
+            for chunk in progress(chunks, f"anchor images ({len(cond)}, cached afterwards)", len(chunks)):
                 out.append(model.sample(chunk, uncond, g, steps=self.sample_steps, guidance=self.guidance).cpu())
             return torch.cat(out)
 

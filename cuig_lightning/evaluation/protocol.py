@@ -14,6 +14,7 @@ import torch
 
 from cuig_lightning.evaluation.metrics import unlearncanvas_metrics
 from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.progress import progress
 from cuig_lightning.requests import NEUTRAL_STYLE, caption
 
 UNLEARNCANVAS_SEEDS = [188, 288, 588, 688, 888]
@@ -49,9 +50,12 @@ class Evaluation:
 
     Args:
         classifiers: folder of the style/object classifiers (``canvas-mini``: the shipped Canvas-mini ones).
-        retain_styles / retain_objects: the retain sets (RA-I / RA-C); required to evaluate a request.
+        retain_styles: the retained styles (RA-I of style requests, RA-C of object requests); required.
+        retain_objects: the retained objects (RA-C of style requests, RA-I of object requests); required.
         seeds: one image per prompt and seed (UnlearnCanvas uses 188, 288, 588, 688, 888).
-        steps / guidance: DDIM steps and classifier-free guidance of the evaluation sampler.
+        steps: DDIM steps of the evaluation sampler.
+        guidance: classifier-free guidance of the evaluation sampler (1.5, as the configs: the base
+            Canvas-mini model is most accurate there).
         batch_size: prompts sampled at once.
         save_samples: write a PNG grid of the first seed's images into each request folder.
         bf16: sample under bfloat16 autocast (about 2.5x faster on CPUs with bf16 support).
@@ -64,14 +68,18 @@ class Evaluation:
         retain_objects: list[str] | None = None,
         seeds: list[int] | None = None,
         steps: int = 20,
-        guidance: float = 3.0,
+        guidance: float = 1.5,
         batch_size: int = 96,
         save_samples: bool = True,
         bf16: bool = True,
     ):
         self.classifiers_spec = classifiers
         self.retain = {"style": list(retain_styles or []), "object": list(retain_objects or [])}
-        self.seeds = list(seeds or UNLEARNCANVAS_SEEDS[:2])
+        if seeds is not None and not seeds:
+            raise ValueError("trainer.evaluation.seeds is empty: give at least one seed (or evaluation: null)")
+        if steps < 1 or batch_size < 1:
+            raise ValueError(f"trainer.evaluation.steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        self.seeds = list(seeds if seeds is not None else UNLEARNCANVAS_SEEDS[:2])
         self.steps, self.guidance, self.batch_size = steps, guidance, batch_size
         self.save_samples = save_samples
         self.bf16 = bf16
@@ -94,11 +102,13 @@ class Evaluation:
         uncond = model.encode_text([""]).to(device)
         images = []
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for seed in self.seeds:
-                g = torch.Generator().manual_seed(seed)
-                for chunk in cond_all.split(self.batch_size):
-                    latents = model.sample(chunk, uncond, g, steps=self.steps, guidance=self.guidance)
-                    images.append(model.decode(latents.float()).float().cpu())
+            chunks = list(enumerate(cond_all.split(self.batch_size)))
+            jobs = [(seed, i, chunk) for seed in self.seeds for i, chunk in chunks]
+            for seed, i, chunk in progress(jobs, f"evaluation ({len(pairs)} prompts x {len(self.seeds)} seeds)"):
+                if i == 0:  # one generator per seed, drawn from by its chunks in order
+                    g = torch.Generator().manual_seed(seed)
+                latents = model.sample(chunk, uncond, g, steps=self.steps, guidance=self.guidance)
+                images.append(model.decode(latents.float()).float().cpu())
         model.unet.train(was_training)
         return torch.cat(images)
 
@@ -127,8 +137,9 @@ class Evaluation:
             retain=self.retain[domain], cross_retain=self.retain[other], styles=clf.styles, objects=clf.objects,
         )
         if sample_path is not None and self.save_samples:
-            rows = len(erased) + len(self.retain[domain])
-            save_image_grid(images[: len(pairs)], rows, sample_path)
+            styles = list(dict.fromkeys(s for s, _ in pairs))
+            objects = list(dict.fromkeys(o for _, o in pairs))
+            save_image_grid(images[: len(pairs)], styles, objects, sample_path, erased)
         return metrics
 
     def base_accuracy(self, model: DiffusionModel, sample_path: Path | None = None) -> dict:
@@ -147,7 +158,7 @@ class Evaluation:
         style_ok, object_ok = pred_style == true_style, pred_object == true_object
         styled = torch.tensor([s != NEUTRAL_STYLE for s, _ in pairs] * n)
         if sample_path is not None and self.save_samples:
-            save_image_grid(images[: len(pairs)], len(clf.styles), sample_path)
+            save_image_grid(images[: len(pairs)], clf.styles, clf.objects, sample_path)
         per_style = {s: 100.0 * float(style_ok[true_style == i].float().mean()) for i, s in enumerate(clf.styles)}
         result = {
             "style_accuracy": 100.0 * float(style_ok[styled].float().mean()),
@@ -161,16 +172,36 @@ class Evaluation:
         return result
 
 
-def save_image_grid(images: torch.Tensor, rows: int, path: Path, scale: int = 2) -> None:
-    """Write images (N, 3, H, W) in [0, 1] as a PNG with ``rows`` rows (row-major)."""
-    import matplotlib.image
+def save_image_grid(images: torch.Tensor, rows: list[str], cols: list[str], path: Path,
+                    erased: list[str] = ()) -> None:
+    """Write images (N, 3, H, W) in [0, 1], row-major, as a PNG grid with its row and column names; rows and
+    columns of erased concepts are labelled "(erased)" in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     n, _, h, w = images.shape
-    cols = -(-n // rows)
-    canvas = np.ones((rows * (h + 1), cols * (w + 1), 3), dtype=np.float32)
-    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        r, c = divmod(i, cols)
+    canvas = np.ones((len(rows) * (h + 1), len(cols) * (w + 1), 3), dtype=np.float32)
+    for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()[: len(rows) * len(cols)]):
+        r, c = divmod(i, len(cols))
         canvas[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = img
-    canvas = canvas.repeat(scale, 0).repeat(scale, 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(cols), 0.6 + 0.45 * len(rows)))
+    ax.imshow(canvas, interpolation="nearest")
+
+    def labels(names, size):
+        return [n + (" (erased)" if n in erased else "") for n in names], [(i + 0.5) * (size + 1) - 1 for i in range(len(names))]
+
+    text, at = labels(rows, h)
+    ax.set_yticks(at, text, fontsize=7)
+    for tick, name in zip(ax.get_yticklabels(), rows):
+        tick.set_color("red" if name in erased else "black")
+    text, at = labels(cols, w)
+    ax.set_xticks(at, text, fontsize=7, rotation=60, ha="right")
+    for tick, name in zip(ax.get_xticklabels(), cols):
+        tick.set_color("red" if name in erased else "black")
+    ax.tick_params(length=0)
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(path, canvas)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

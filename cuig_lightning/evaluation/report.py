@@ -38,20 +38,27 @@ def write_report(run_dir: Path, rows: list[dict]) -> str:
 
 
 def plot_metrics(rows: list[dict], path: Path) -> None:
+    """UA / RA-I / RA-C and the relative drift after each request (whole-number request ticks)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, (ax, drift_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
     x = [r["request"] for r in rows]
     for key, label in (("UA", "UA"), ("RA_I", "RA-I"), ("RA_C", "RA-C")):
         ax.plot(x, [r.get(key) for r in rows], marker="o", label=label)
-    ax.set_xlabel("request")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
     ax.legend()
+    drift_ax.plot(x, [100 * r["drift_rel"] if r.get("drift_rel") is not None else None for r in rows],
+                  marker="o", color="tab:red")
+    drift_ax.set_ylabel("drift ‖θ − θ0‖ / ‖θ0‖ (%)")
+    for a in (ax, drift_ax):
+        a.set_xlabel("request")
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

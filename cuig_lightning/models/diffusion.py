@@ -49,8 +49,13 @@ def trainable_names(unet: nn.Module, group: TrainableGroup) -> list[str]:
 class DiffusionModel(nn.Module):
     """UNet + text encoder + tokenizer + noise scheduler (+ VAE), with the few operations cuig needs."""
 
-    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, name: str = "model"):
+    def __init__(self, unet, text_encoder, tokenizer, scheduler, vae=None, name: str = "model",
+                 scheduler_config: dict | None = None):
         super().__init__()
+        # The folder's scheduler config as written (any class: PNDM for SD-1.5); training and sampling use
+        # the DDPM / DDIM schedulers made from it, an export writes this one back.
+        self.scheduler_config = dict(scheduler_config or {}) or (
+            {**scheduler.config, "_class_name": type(scheduler).__name__} if scheduler is not None else {})
         self.unet = unet
         self.text_encoder = text_encoder
         self.vae = vae
@@ -83,23 +88,19 @@ class DiffusionModel(nn.Module):
         text_encoder = AutoModel.from_pretrained(path / "text_encoder", dtype=torch.float32, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer", **kw)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", **kw)
+        scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
         vae = AutoencoderKL.from_pretrained(path / "vae", **kw) if (path / "vae").is_dir() else None
-        return cls(unet, text_encoder, tokenizer, scheduler, vae, name=fingerprint(path))
+        return cls(unet, text_encoder, tokenizer, scheduler, vae, name=fingerprint(path),
+                   scheduler_config=scheduler_config)
 
-    def save_pretrained(self, out: str | Path) -> Path:
-        """Save as a diffusers folder; with a VAE it is a full ``StableDiffusionPipeline``."""
-        out = Path(out)
-        if self.vae is not None:
-            from diffusers import StableDiffusionPipeline
+    def original_scheduler(self):
+        """The scheduler of the class the model folder named (``_class_name``), from its own config."""
+        import diffusers
 
-            StableDiffusionPipeline(
-                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-                scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            ).save_pretrained(out)
-        else:  # pixel-space model: the same layout without vae/
-            for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
-                getattr(self, name).save_pretrained(out / name)
-        return out
+        cls = getattr(diffusers, str(self.scheduler_config.get("_class_name")), None)
+        if cls is None:
+            raise ModelLoadError(f"unknown scheduler class {self.scheduler_config.get('_class_name')!r}")
+        return cls.from_config(self.scheduler_config)
 
     # ----------------------------------------------------------------- text
     @torch.no_grad()

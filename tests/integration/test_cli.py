@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -118,3 +119,56 @@ def test_nan_loss_stops_and_keeps_previous_request(make_config, capsys, tmp_path
 
     read_manifest(first, verify=True)
     assert not (tmp_path / "run" / "requests" / "02-Picasso" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--trainer.schedule", "foo"], "sequential"),
+    (["--model.method", "Foo"], "Foo"),
+    (["--model.learning_rate", "abc"], "float"),
+    (["--trainer.precision", "7"], "precision"),
+    (["--trainer.max_steps", "-2"], "max_steps"),
+    (["--trainer.checkpoint_every", "0"], "checkpoint_every"),
+    (["--trainer.max_step", "3"], "unrecognized arguments: --trainer.max_step"),  # no prefix matching
+    (["--trainer.evaluation.seeds", "[]"], "seeds is empty"),
+    (["--trainer.logger", "os.system"], "not a lightning.pytorch.loggers"),
+])
+def test_config_errors_say_why_in_one_line(make_config, capsys, tmp_path, args, needle):
+    cfg = make_config(requests=[{"target": "Van_Gogh"}])
+    code = run_cli("fit", "--config", str(cfg), *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("cuig: error:"), err
+    assert needle.lower() in err[-1].lower() and not err[-1].rstrip().endswith(":"), err[-1]
+    assert not (tmp_path / "run" / "job.json").exists()
+
+
+def test_truncated_model_weights_are_one_line(tiny_sd, make_config, capsys, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(tiny_sd, tmp_path / "broken")
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    cfg = make_config(model={"model_path": str(broken)})
+    _fails_with(capsys, ["fit", "--config", str(cfg)], "broken")
+
+
+def test_help_lists_every_command_and_documents_every_key():
+    out = subprocess.run([sys.executable, "-m", "cuig_lightning", "--help"], capture_output=True, text=True, cwd=REPO)
+    for command in ("fit", "evaluate", "export", "benchmark", "pretrain", "evaluate-base", "train-classifier"):
+        assert command in out.stdout
+    fit = subprocess.run([sys.executable, "-m", "cuig_lightning", "fit", "--help"], capture_output=True, text=True,
+                         cwd=REPO).stdout
+    assert "docs/method.md" not in fit
+    # every cuig key (model, data, evaluation, the continual trainer's own) says more than its type and default
+    blocks = re.split(r"\n  (?=--)", fit)
+    ours = ("--model.", "--data.", "--trainer.evaluation.", "--trainer.requests", "--trainer.schedule",
+            "--trainer.run_dir", "--trainer.checkpoint_every")
+    checked = 0
+    for block in blocks:
+        name = block.split()[0]
+        if not name.startswith(ours) or name.endswith((".help", "CONFIG")) or "." not in name[2:]:
+            continue
+        text = re.sub(r"\(type:.*?\)|\(default:.*?\)|\(required.*?\)", "", " ".join(block.split()[1:]), flags=re.S)
+        text = re.sub(r"^[A-Z_]+|\{[^}]*\}", "", text).strip()
+        assert len(text) > 10, f"no help text for {name}: {block}"
+        checked += 1
+    assert checked > 15

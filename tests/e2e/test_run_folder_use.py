@@ -1,0 +1,144 @@
+"""Living with a run folder: evaluate and export from the folder alone, logs inside it, a bad config that
+never locks it, and the reliability cases (a kill around the merge, tampered or foreign mid-request
+checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import cuig_process, deltas, run_cli, write_tiny_job
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_sd, cache_dir):
+    """A fitted 2-request job, run from an empty working directory (to see what it writes outside run_dir)."""
+    work = tmp_path_factory.mktemp("work")
+    cfg = write_tiny_job(work / "job.yaml", tiny_sd, cache_dir, work / "run")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        assert run_cli("fit", "--config", str(cfg)) == 0
+    finally:
+        os.chdir(cwd)
+    return work
+
+
+def test_fit_writes_only_into_run_dir_with_logs_and_metrics(finished_run):
+    assert sorted(os.listdir(finished_run)) == ["job.yaml", "run"]  # no ./lightning_logs
+    run = finished_run / "run"
+    lines = (run / "logs" / "01-Abstractionism" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert "request" in header and len(lines) == 1 + 3  # one row per step, the request named
+    assert {row.split(",")[header.index("request")] for row in lines[1:]} == {"1.0"}
+    assert [r["request"] for r in json.loads((run / "metrics.json").read_text())] == [1, 2]
+    job = json.loads((run / "job.json").read_text())
+    assert job["versions"]["torch"] == torch.__version__ and job["config"]["trainer"]["max_steps"] == 3
+
+
+def test_evaluate_from_the_run_folder_alone(finished_run, capsys):
+    run = finished_run / "run"
+    capsys.readouterr()
+    assert run_cli("evaluate", "--run_dir", str(run), "--request", "1",
+                   "--trainer.evaluation.seeds", "[188, 288]") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["request"] == 1 and result["erased"] == ["Abstractionism"] and 0 <= result["UA"] <= 100
+    # evaluation, devices and progress settings are not part of the run identity: fit resumes (skips all)
+    before = (run / "requests" / "02-Byzantine" / "manifest.json").read_bytes()
+    assert run_cli("fit", "--config", str(finished_run / "job.yaml"), "--trainer.evaluation.seeds", "[7]",
+                   "--trainer.enable_progress_bar", "true", "--trainer.log_every_n_steps", "5") == 0
+    assert (run / "requests" / "02-Byzantine" / "manifest.json").read_bytes() == before
+
+
+def test_export_from_the_run_folder_loads_and_samples(finished_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "export"
+    assert run_cli("export", "--run_dir", str(finished_run / "run"), "--output", str(out)) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    image = pipe("A Circle image in Monet style.", num_inference_steps=2, height=64, width=64,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
+    card = (out / "README.md").read_text()
+    assert "1. Abstractionism (style), 2. Byzantine (style)" in card and "UA" in card
+    files = [p for p in out.rglob("*")]
+    assert not any(p.is_symlink() for p in files)
+    for p in files:
+        if p.suffix in (".json", ".md", ".txt"):
+            assert str(finished_run) not in p.read_text() and str(tmp_path) not in p.read_text(), p
+
+
+def test_bad_callback_argument_never_locks_the_folder(tmp_path, tiny_sd, cache_dir, capsys):
+    run = tmp_path / "run"
+    bad = write_tiny_job(tmp_path / "bad.yaml", tiny_sd, cache_dir, run, requests=1, evaluation=False,
+                         callbacks=[{"class_path": "callbacks.NormRegularizer", "init_args": {"wieght": 1.0}}])
+    assert run_cli("fit", "--config", str(bad)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cuig: error: trainer.callbacks[0]") and "'wieght'" in err[-1] and "weight" in err[-1]
+    assert not (run / "job.json").exists()
+    # a command as a callback is refused before anything is created
+    evil = write_tiny_job(tmp_path / "evil.yaml", tiny_sd, cache_dir, run, requests=1, evaluation=False,
+                          callbacks=[{"class_path": "os.system", "init_args": {"command": f"touch {tmp_path}/owned"}}])
+    assert run_cli("fit", "--config", str(evil)) == 2
+    assert "not a lightning.pytorch.callbacks.callback.Callback subclass" in capsys.readouterr().err
+    assert not (tmp_path / "owned").exists()
+    # a job that fails after claiming, before its first checkpoint, releases the folder
+    poison = write_tiny_job(tmp_path / "poison.yaml", tiny_sd, cache_dir, run, requests=1, evaluation=False,
+                            callbacks=[{"class_path": "tests.helpers.PoisonWeights", "init_args": {"stage": 0, "step": 0}}])
+    assert run_cli("fit", "--config", str(poison)) == 2
+    assert "non-finite loss" in capsys.readouterr().err and not (run / "job.json").exists()
+    good = write_tiny_job(tmp_path / "good.yaml", tiny_sd, cache_dir, run, requests=1, evaluation=False,
+                          callbacks=[{"class_path": "callbacks.NormRegularizer", "init_args": {"weight": 1.0}}])
+    assert run_cli("fit", "--config", str(good)) == 0
+    assert len(deltas(run)) == 1
+
+
+def test_kill_around_the_merge_and_tampered_checkpoints(tmp_path, tiny_sd, cache_dir, capsys):
+    """ModelMerge: a SIGKILL after request 2's last step, before its merge, resumes to the uninterrupted
+    result; a byte-flipped or foreign last.ckpt is refused first."""
+    callbacks = [{"class_path": "tests.helpers.DieAt"},
+                 {"class_path": "callbacks.ModelMerge", "init_args": {"density": 0.5}}]
+    job = dict(requests=2, evaluation=False, schedule="independent", callbacks=callbacks, max_steps=4)
+    ref = write_tiny_job(tmp_path / "ref.yaml", tiny_sd, cache_dir, tmp_path / "ref", **job)
+    assert run_cli("fit", "--config", str(ref)) == 0
+
+    run = tmp_path / "killed"
+    cfg = write_tiny_job(tmp_path / "killed.yaml", tiny_sd, cache_dir, run, **job)
+    proc = cuig_process("fit", "--config", str(cfg), env={"CUIG_TEST_DIE_AT": "1"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -9, out
+    second = run / "requests" / "02-Byzantine"
+    assert not (second / "manifest.json").exists() and (second / "partial" / "last.ckpt").is_file()
+    saved = shutil.copytree(second / "partial", tmp_path / "saved_partial")
+
+    last = second / "partial" / "last.ckpt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside a tensor
+    last.write_bytes(bytes(data))
+    assert run_cli("fit", "--config", str(cfg)) == 2
+    assert "corrupt mid-request checkpoint" in capsys.readouterr().err
+
+    # request 2's (valid) checkpoint moved into request 1's folder, which is made to look unfinished
+    shutil.rmtree(second / "partial")
+    shutil.copytree(saved, second / "partial")
+    first = run / "requests" / "01-Abstractionism"
+    kept = first.with_name("kept")
+    shutil.copytree(first, kept)
+    (first / "manifest.json").unlink()
+    shutil.copytree(saved, first / "partial")
+    assert run_cli("fit", "--config", str(cfg)) == 2
+    assert "belongs to another request" in capsys.readouterr().err
+    shutil.rmtree(first)
+    kept.rename(first)
+
+    assert run_cli("fit", "--config", str(cfg)) == 0
+    for a, b in zip(deltas(tmp_path / "ref"), deltas(run), strict=True):
+        ta, tb = load_file(a), load_file(b)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{b} differs from the uninterrupted run"
+    assert (second / "merge.json").is_file()
