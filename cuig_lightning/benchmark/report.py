@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from pathlib import Path
 
 import yaml
@@ -64,9 +65,16 @@ def pearson(x: list[float], y: list[float]) -> float:
 
 def mean_curve(curves: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
     """Mean of ``key`` over seeds against the number of concepts erased, up to the shortest curve."""
+    xs, means, _ = curve_band(curves, key)
+    return xs, means
+
+
+def curve_band(curves: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Mean and standard deviation (0 for one seed) of ``key`` over seeds, per number of concepts erased."""
     length = min(len(c) for c in curves)
-    return ([curves[0][k]["erased"] for k in range(length)],
-            [_mean([c[k][key] for c in curves if key in c[k]]) for k in range(length)])
+    values = [[c[k][key] for c in curves if key in c[k]] for k in range(length)]
+    stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+    return [curves[0][k]["erased"] for k in range(length)], [_mean(v) for v in values], stds
 
 
 def collapse_point(curves: list[list[dict]], threshold: float = 50.0) -> int | None:
@@ -82,6 +90,7 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
     results = {run.key: load_rows(run.run_dir) for run in runs}
@@ -131,10 +140,14 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str) -> Path:
             ax = axes[i][j]
             for row in rows:
                 if curves(method, row):
-                    xs, ys = mean_curve(curves(method, row), key)
-                    ax.plot(xs, ys, marker="o" if len(xs) > 1 else "*", ms=3 if len(xs) > 1 else 11, label=row)
-            ax.set_title(f"{method}: {key.replace('_', '-')}")
-            ax.set_xlabel("styles erased (= request number; simultaneous: one request, ★)")
+                    xs, ys, sd = curve_band(curves(method, row), key)
+                    line, = ax.plot(xs, ys, marker="o" if len(xs) > 1 else "*", ms=3 if len(xs) > 1 else 11, label=row)
+                    if len(xs) > 1 and any(sd):  # seed spread: mean ± one standard deviation
+                        ax.fill_between(xs, [y - e for y, e in zip(ys, sd)], [y + e for y, e in zip(ys, sd)],
+                                        color=line.get_color(), alpha=0.15, linewidth=0)
+            ax.set_title(f"{method}: {key.replace('_', '-')} (mean ± sd over seeds)", fontsize=9)
+            ax.set_xlabel("styles erased (simultaneous: one request, ★)", fontsize=8)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
         axes[i][0].legend(fontsize=7)
@@ -202,8 +215,15 @@ def similarity_plot(results: dict, path: Path, base: str) -> dict[str, float]:
     every = (points[False][0] + points[True][0], points[False][1] + points[True][1])
     r, r_last = pearson(*every), pearson(*points[True])
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    ax.scatter(*points[False], s=5, alpha=0.35, label="after requests before the last")
-    ax.scatter(*points[True], s=8, label=f"after the last request (r = {r_last:.2f})")
+    ax.scatter(*every, s=4, alpha=0.08, color="grey", label="(run, request, style) points")
+    # binned means: the points sit on few accuracy levels, so a scatter alone hides the trend
+    order = sorted(range(len(every[0])), key=lambda i: every[0][i])
+    bins = [order[i * len(order) // 8 : (i + 1) * len(order) // 8] for i in range(8)] if len(order) >= 8 else []
+    for part in (b for b in bins if b):
+        xs, ys = [every[0][i] for i in part], [every[1][i] for i in part]
+        ax.errorbar(_mean(xs), _mean(ys), yerr=statistics.pstdev(ys), fmt="o", color="C0", capsize=3)
+    ax.scatter(*points[True], s=8, color="C1", alpha=0.6, label=f"after the last request (r = {r_last:.2f})")
+    ax.plot([], [], "o", color="C0", label="mean ± sd in 8 similarity bins")
     ax.set_xlabel("max cosine similarity to the targets erased so far")
     ax.set_ylabel("retained style accuracy (%)")
     ax.set_title(f"Pearson r = {r:.2f} over {len(every[0])} (run, request, style) points", fontsize=9)

@@ -37,12 +37,17 @@ from cuig_lightning.canvas_mini.classifiers import DEFAULT_DIR, EVAL_SEED, load_
 
 def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = None) -> tuple[list[dict], float]:
     """Run (or reuse) one ``cuig fit``: its per-request metric rows and its wall time in minutes (whole process:
-    model loading, anchor generation, training, evaluation; measured when it ran, kept beside the run folder)."""
+    model loading, anchor generation, training, evaluation; measured when it ran, kept beside the run folder).
+
+    The job's own ``seed_everything`` runs the job exactly as configured; another seed also becomes the data
+    seed (anchor images and the training stream), so that the runs really differ."""
     metrics, clock = run_dir / "metrics.json", run_dir.parent / f"{run_dir.name}.wall_seconds"
     if not metrics.is_file():
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+        own_seed = yaml.safe_load(Path(configs[0]).read_text()).get("seed_everything")
         cmd = [sys.executable, "-m", "cuig_lightning", "fit", *(a for c in configs for a in ("--config", c)),
-               "--trainer.run_dir", str(run_dir), "--seed_everything", str(seed)]  # fmt: skip
+               "--trainer.run_dir", str(run_dir), "--seed_everything", str(seed),
+               *([] if seed == own_seed else ["--data.seed", str(seed)])]  # fmt: skip
         print("$", " ".join(cmd[2:]), flush=True)
         t0 = time.perf_counter()
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -198,7 +203,8 @@ def write_report(report: dict, path: Path) -> None:
     b, lm, sim, r1 = report["base"], report["look_meaning"], report["simultaneous"], report["similarity_after_request_1"]
     clf = report["classifiers"]
     firsts = [v["first_below_50"] for v in report["sequential"].values()]
-    ra_i = np.array([v["RA_I"] for v in report["sequential"].values()])
+    curves = [v["RA_I"] for v in report["sequential"].values()]  # a run stopped early has fewer requests
+    ra_i = [np.mean([c[k] for c in curves if k < len(c)]) for k in range(max(map(len, curves)))]
     lines = [
         "# Canvas-mini instrument checks",
         "",
@@ -226,7 +232,7 @@ def write_report(report: dict, path: Path) -> None:
         f"| after request 1 ({r1['target']}): Pearson r(text cosine to target, accuracy), 12 retained styles | ≤ -0.5 | "
         f"{r1['pearson_r']} (per seed {r1['per_seed_r']}) | {'yes' if r1['pearson_r'] is not None and r1['pearson_r'] <= -0.5 else 'no'} |",
         "",
-        "Sequential RA-I after each request (mean over seeds): " + ", ".join(f"{v:.0f}" for v in ra_i.mean(0)),
+        "Sequential RA-I after each request (mean over the seeds that reached it): " + ", ".join(f"{v:.0f}" for v in ra_i),
         "",
         "Closest 10% of style pairs by text cosine: share agreeing on each look attribute (|Δ| < 0.15): "
         + ", ".join(f"{k} {v}" for k, v in lm["attribute_agreement"].items()),

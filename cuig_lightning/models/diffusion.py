@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -217,17 +218,27 @@ def ddim_cfg(
 
 
 def fingerprint(path: Path) -> str:
-    """A short id of a model folder from its config files and weight-file sizes (for cache keys)."""
+    """A short id of a model folder's contents (for cache keys: anchors and text states are per model).
+
+    Weight files are hashed by content (a retrained model of the same architecture has files of the same
+    size); files over 256 MB by their size and their first and last 16 MB, which is fast and still changes
+    with any retraining.
+    """
     digest = hashlib.sha256()
-    for file in sorted(path.rglob("*")):
+    # os.walk follows links: Canvas-mini's model folder is made of links (Path.rglob would see nothing)
+    files = sorted(Path(root, name) for root, _, names in os.walk(path, followlinks=True) for name in names)
+    for file in files:
         if file.is_file():
-            rel = file.relative_to(path).as_posix()
-            digest.update(rel.encode())
-            if file.suffix in (".json", ".txt"):
-                digest.update(file.read_bytes())
-            else:
-                stat = file.stat()
-                digest.update(str(stat.st_size).encode())
+            digest.update(file.relative_to(path).as_posix().encode())
+            size = file.stat().st_size
+            digest.update(str(size).encode())
+            with open(file, "rb") as f:
+                if size <= 256 << 20:
+                    digest.update(f.read())
+                else:
+                    digest.update(f.read(16 << 20))
+                    f.seek(-(16 << 20), 2)
+                    digest.update(f.read())
     return digest.hexdigest()[:16]
 
 

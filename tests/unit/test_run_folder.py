@@ -151,3 +151,17 @@ def test_pictures_are_labelled(tmp_path, monkeypatch):
     rows = [{"request": i, "UA": 50.0, "RA_I": 90.0, "RA_C": 80.0, "drift_rel": 0.01 * i} for i in (1, 2, 3)]
     plot_metrics(rows, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_model_fingerprint_follows_weight_contents(tmp_path):
+    """Caches are keyed by the model: a retrained model of the same architecture (same file sizes) is another model."""
+    from cuig_lightning.models.diffusion import fingerprint
+
+    for name, byte in (("a", 1), ("b", 2)):
+        (tmp_path / name / "unet").mkdir(parents=True)
+        (tmp_path / name / "unet" / "config.json").write_text("{}")
+        (tmp_path / name / "unet" / "weights.safetensors").write_bytes(bytes([byte]) * 1000)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "unet").symlink_to(tmp_path / "a" / "unet")
+    assert fingerprint(tmp_path / "a") != fingerprint(tmp_path / "b")
+    assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "c")  # links are followed: same contents
