@@ -203,6 +203,7 @@ def write_report(report: dict, path: Path) -> None:
     b, lm, sim, r1 = report["base"], report["look_meaning"], report["simultaneous"], report["similarity_after_request_1"]
     clf = report["classifiers"]
     firsts = [v["first_below_50"] for v in report["sequential"].values()]
+    wall = next(iter(report["sequential"].values()))["wall_minutes"]
     curves = [v["RA_I"] for v in report["sequential"].values()]  # a run stopped early has fewer requests
     ra_i = [np.mean([c[k] for c in curves if k < len(c)]) for k in range(max(map(len, curves)))]
     lines = [
@@ -223,8 +224,8 @@ def write_report(report: dict, path: Path) -> None:
         + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in lm["spearman"].items())
         + f" | {'yes' if min(lm['spearman'].values()) > 0.1 else 'partly' if max(lm['spearman'].values()) > 0.1 else 'no'} |",
         f"| the main job's wall time (seed {next(iter(report['sequential']))}, {report['jobs']} job(s) at once) | ≤ 10 min | "
-        f"{next(iter(report['sequential'].values()))['wall_minutes']} min | "
-        f"{'yes' if next(iter(report['sequential'].values()))['wall_minutes'] <= 10 else 'no'} |",
+        + (f"{wall} min | {'yes' if wall <= 10 else 'no'} |" if wall == wall else "not timed (the run was not started by "
+           "`cuig instrument`) | – |"),
         f"| sequential ConAbl: first request with RA-I < 50 (seeds {', '.join(report['sequential'])}) | 3-6 | "
         f"{', '.join(str(f) for f in firsts)} | {'yes' if all(f is not None and 3 <= f <= 6 for f in firsts) else 'no'} |",
         f"| simultaneous ConAbl, all 12 targets | UA ≥ 95, RA-I ≥ 60, RA-C ≥ 80 | UA {sim['UA']:.1f}, RA-I {sim['RA_I']:.1f}, "
