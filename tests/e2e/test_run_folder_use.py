@@ -142,3 +142,14 @@ def test_kill_around_the_merge_and_tampered_checkpoints(tmp_path, tiny_sd, cache
         ta, tb = load_file(a), load_file(b)
         assert all(torch.equal(ta[k], tb[k]) for k in ta), f"{b} differs from the uninterrupted run"
     assert (second / "merge.json").is_file()
+
+
+def test_long_steps_show_progress_and_the_bar_names_the_request(tmp_path, tiny_sd, capfd):
+    """Anchor generation and evaluation have bars, the training bar names the request, Lightning's tips are silenced."""
+    cfg = write_tiny_job(tmp_path / "job.yaml", tiny_sd, tmp_path / "fresh_cache", tmp_path / "run", requests=1,
+                         enable_progress_bar=True)
+    assert run_cli("fit", "--config", str(cfg)) == 0
+    out = "".join(capfd.readouterr())
+    for text in ("anchor images (", "evaluation (", "request 1/1 Abstractionism"):
+        assert text in out, text
+    assert "litlogger" not in out and "v_num" not in out
