@@ -81,19 +81,29 @@ class ModelMerge(Regularizer):
     """At the end of each ``independent`` stage, saves this request's task vector and replaces the
     trainable weights by θ0 + merge(τ_1..τ_n) over all requests so far.
 
+    As the paper's runs: request 1 keeps its single task vector as it is (``merge_single``: merge it
+    too), and λ may grow with n (a list: the λ of request n is ``lam[n - 1]``, the last entry repeating).
     Only makes sense when every stage starts from θ0, hence the schedule check. Each rank merges its
     own in-memory τ_n with the earlier τ_i read from the finished request folders, so no rank waits
     for rank 0's write.
     """
 
-    def __init__(self, method: Method = "ties", density: float = 0.5, lam: float = 1.0) -> None:
+    def __init__(self, method: Method = "ties", density: float = 0.5, lam: float | list[float] = 1.0,
+                 merge_single: bool = False) -> None:
         if method not in ("ties", "task_arithmetic", "uniform"):
             raise ValueError(f"unknown merge method {method!r}; use ties, task_arithmetic or uniform")
         if not 0.0 < density <= 1.0:
             raise ValueError(f"ModelMerge density must be in (0, 1], got {density}")
+        if isinstance(lam, list) and not lam:
+            raise ValueError("ModelMerge lam: give a number or a non-empty list (λ of request n = lam[n - 1])")
         self.method = method
         self.density = density
         self.lam = lam
+        self.merge_single = merge_single
+
+    def lam_at(self, n: int) -> float:
+        """λ of the merge over the first ``n`` requests."""
+        return float(self.lam[min(n, len(self.lam)) - 1]) if isinstance(self.lam, list) else float(self.lam)
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         schedule = pl_module.stage.schedule
@@ -109,11 +119,16 @@ class ModelMerge(Regularizer):
         tau = {n: p.detach().cpu() - base[n].cpu() for n, p in params.items()}
         self.record(trainer, pl_module, TASK_VECTOR, tau)
         previous = [load_tensors(Path(d) / TASK_VECTOR) for d in stage.previous_dirs]
-        merged = merge_task_vectors([*previous, tau], self.method, self.density, self.lam)
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_((base[n].to(merged[n].dtype) + merged[n]).to(device=p.device, dtype=p.dtype))
+        n = len(previous) + 1
         dirs = [str(d) for d in stage.previous_dirs] + [str(stage.request_dir)]
-        pl_module.print(f"ModelMerge: {self.method} (density {self.density}, λ {self.lam}) over {len(dirs)} requests")
+        if n == 1 and not self.merge_single:  # the trained model is θ0 + τ_1 already
+            self.record(trainer, pl_module, MERGE_JSON, {"method": None, "merged": dirs})
+            return
+        lam = self.lam_at(n)
+        merged = merge_task_vectors([*previous, tau], self.method, self.density, lam)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_((base[name].to(merged[name].dtype) + merged[name]).to(device=p.device, dtype=p.dtype))
+        pl_module.print(f"ModelMerge: {self.method} (density {self.density}, λ {lam}) over {n} requests")
         self.record(trainer, pl_module, MERGE_JSON,
-                    {"method": self.method, "density": self.density, "lam": self.lam, "merged": dirs})
+                    {"method": self.method, "density": self.density, "lam": lam, "merged": dirs})

@@ -23,7 +23,8 @@ from cuig_lightning.evaluation.protocol import Evaluation, drift
 from cuig_lightning.evaluation.report import write_report
 from cuig_lightning.requests import Request, Schedule, Stage, erased_after, plan_stages, validate_requests
 from cuig_lightning.run_folder import SAMPLES, RunFolder, weights_digest
-from cuig_lightning.stage import StageCheckpoint, silence_lightning_noise, stage_callbacks, stage_loggers
+from cuig_lightning.stage import (StageCheckpoint, StopWhenForgotten, silence_lightning_noise, stage_callbacks,
+                                  stage_loggers)
 from cuig_lightning.versions import library_versions
 
 
@@ -38,6 +39,10 @@ class ContinualTrainer(L.Trainer):
         run_dir: where checkpoints, manifests, metrics and logs go; re-running the same config resumes it.
         checkpoint_every: optimizer steps between mid-request checkpoints (``last.ckpt``).
         evaluation: the UnlearnCanvas evaluation run after every request (None: no evaluation).
+        until_ua: train each request only until its UA reaches this (percent), checked on the evaluation
+            grid's erased part every ``until_ua_every`` steps; ``max_steps`` is the cap. None: always
+            ``max_steps`` (the paper's sequential protocol); the simultaneous reference uses 95.
+        until_ua_every: optimizer steps between those checks.
         **kwargs: every ``lightning.Trainer`` argument, used for each stage's Trainer (``logger``: extra
             loggers beside the CSV / TensorBoard logs in ``run_dir/logs``; ``false``: no logs).
     """
@@ -49,10 +54,16 @@ class ContinualTrainer(L.Trainer):
         run_dir: str = "runs/cuig",
         checkpoint_every: int = 50,
         evaluation: Evaluation | None = None,
+        until_ua: float | None = None,
+        until_ua_every: int = 20,
         **kwargs: Any,
     ):
         if checkpoint_every < 1:
             raise ValueError(f"trainer.checkpoint_every must be >= 1, got {checkpoint_every}")
+        if until_ua is not None and (evaluation is None or until_ua_every < 1):
+            raise ValueError("trainer.until_ua needs trainer.evaluation (its grid and classifiers) and "
+                             f"until_ua_every >= 1 (got {until_ua_every})")
+        self.until_ua, self.until_ua_every = until_ua, until_ua_every
         self.requests = list(requests or [])
         self.schedule = schedule
         self.run_dir = Path(run_dir)
@@ -74,7 +85,9 @@ class ContinualTrainer(L.Trainer):
         checkpoint = StageCheckpoint(stage.request_dir, self.checkpoint_every, owner)
         label = f"request {stage.index + 1}/{total} {' '.join(stage.targets)}"
         bar = self._stage_kwargs.get("enable_progress_bar") is not False
-        kwargs = dict(self._stage_kwargs, callbacks=stage_callbacks(self._callback_templates, checkpoint, label, bar),
+        stop = None if self.until_ua is None else StopWhenForgotten(
+            self.evaluation, stage.erased, stage.domain, self.until_ua, self.until_ua_every)
+        kwargs = dict(self._stage_kwargs, callbacks=stage_callbacks(self._callback_templates, checkpoint, label, bar, stop),
                       logger=stage_loggers(self.run_dir, stage, self._user_logger))
         return L.Trainer(**kwargs)
 
@@ -116,7 +129,8 @@ class ContinualTrainer(L.Trainer):
                 start = current if self.schedule == "sequential" else base
                 current, manifest = self._run_stage(model, datamodule, stage, start, run, len(stages))
             erased += stage.targets
-            rows.append({"request": i + 1, "targets": " ".join(stage.targets), **manifest.get("metrics", {})})
+            rows.append({"request": i + 1, "targets": " ".join(stage.targets), "steps": manifest.get("steps"),
+                         **manifest.get("metrics", {})})
             if self.is_global_zero and manifest.get("metrics"):  # the table so far, readable if the job stops
                 table = write_report(self.run_dir, rows)
         model.load_trainable(current)

@@ -62,9 +62,9 @@ class SculpMem(Method):
     """Sculpting Memory: the SculpMem loss trained under a dynamic mask (``callbacks.DynamicMask``, supplied
     by this method through ``configure_callbacks``, so it is never listed under ``trainer.callbacks``).
 
-    Trains the ``xattn`` group (attn2 q/k/v/out, as the paper's code).
-
     Args:
+        trainable: parameter group trained; ``xattn_kv`` (attn2 to_k/to_v) as the paper's runs, ``xattn``
+            (q/k/v/out) as the SculpMem reference code's option.
         loss: ``conabl`` (the paper's code: the ConAbl loss) or ``original`` (the paper's losses: ConAbl-form
             forget term + ``align_scale`` · MSE(ε_θ(z_t, t, c_anchor), ε); see :func:`losses.sculpmem_loss`).
         align_scale: weight of the ``original`` alignment term (reference 0.25).
@@ -73,9 +73,7 @@ class SculpMem(Method):
             (see ``callbacks.DynamicMask``).
     """
 
-    trainable: TrainableGroup = "xattn"
-
-    def __init__(self, loss: SculpMemLoss = "conabl", align_scale: float = 0.25,
+    def __init__(self, trainable: TrainableGroup = "xattn_kv", loss: SculpMemLoss = "conabl", align_scale: float = 0.25,
                  variant: ConAblVariant = "model", anchor_preservation: float = 0.0, density: float = 0.5,
                  warmup_steps: int = 50, swap_every: int = 100, turnover: float = 0.2, stop_fraction: float = 0.8,
                  accumulate: Literal["abs", "signed"] = "abs"):
@@ -84,7 +82,7 @@ class SculpMem(Method):
         if loss == "original" and (anchor_preservation > 0 or variant != "model"):
             raise ValueError("SculpMem loss original has its own anchor term (align_scale) and the model-based "
                              "forget target: leave anchor_preservation 0 and variant model")
-        self.form, self.align_scale = loss, align_scale
+        self.trainable, self.form, self.align_scale = trainable, loss, align_scale
         self.variant, self.anchor_preservation = variant, anchor_preservation
         self.mask_args = dict(density=density, warmup_steps=warmup_steps, swap_every=swap_every, turnover=turnover,
                               stop_fraction=stop_fraction, accumulate=accumulate)

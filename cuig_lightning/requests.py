@@ -43,6 +43,8 @@ def concept_text(name: str) -> str:
 
 #: The style class of style-less images (Canvas-mini's neutral look); its caption names no style.
 NEUTRAL_STYLE = "Neutral"
+#: How ConAbl-style target prompts are made from neutral anchor prompts by default ({prompt} without its period).
+DEFAULT_STYLE_TEMPLATES = ["{prompt} in {style} style."]
 
 
 def caption(style: str | None, obj: str) -> str:

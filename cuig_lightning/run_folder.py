@@ -46,7 +46,7 @@ from cuig_lightning.checkpoints import (
     write_json,
     write_manifest,
 )
-from cuig_lightning.requests import Request, Stage
+from cuig_lightning.requests import DEFAULT_STYLE_TEMPLATES, Request, Stage
 
 JOB = "job.json"
 LOCK = ".lock"
@@ -62,10 +62,14 @@ LAST_INFO = "last.json"
 IDENTITY_TRAINER_KEYS = (
     "requests", "schedule", "max_steps", "max_epochs", "min_steps", "min_epochs", "callbacks", "precision",
     "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "deterministic",
-    "limit_train_batches", "overfit_batches", "plugins",
+    "limit_train_batches", "overfit_batches", "plugins", "until_ua", "until_ua_every",
 )
 #: ``data`` keys that do not change what is trained (where the anchor cache lives).
 NON_IDENTITY_DATA_KEYS = ("cache_dir",)
+#: Options added after run folders existed, at the value that trains exactly as before they existed: left
+#: out of the identity at that value, so that upgrading cuig does not disown finished runs.
+LATER_OPTIONS = {("trainer", "until_ua"): None, ("trainer", "until_ua_every"): 20,
+                 ("data", "style_templates"): DEFAULT_STYLE_TEMPLATES}
 
 
 class RunFolderError(RuntimeError):
@@ -77,12 +81,18 @@ def run_identity(config: dict) -> dict:
     decides the trained weights; its hash owns the run folder."""
     trainer = config.get("trainer") or {}
     data = config.get("data") or {}
-    return {
+    identity = {
         "seed_everything": config.get("seed_everything"),
         "trainer": {k: trainer.get(k) for k in IDENTITY_TRAINER_KEYS},
         "model": config.get("model"),
         "data": {k: v for k, v in data.items() if k not in NON_IDENTITY_DATA_KEYS},
     }
+    if identity["trainer"].get("until_ua") is None:  # the check interval means nothing without the rule
+        identity["trainer"].pop("until_ua_every", None)
+    for (section, key), before in LATER_OPTIONS.items():
+        if identity[section].get(key, before) == before:
+            identity[section].pop(key, None)
+    return identity
 
 
 def identity_hash(config: dict) -> str:

@@ -1,5 +1,6 @@
 """What one request's ``lightning.Trainer`` is built from: its mid-request checkpoint, its loggers (inside
-``run_dir``), its progress bar (which names the request), and the silencing of Lightning's per-Trainer noise.
+``run_dir``), its progress bar (which names the request), the optional stop once the request is forgotten,
+and the silencing of Lightning's per-Trainer noise.
 
 The continual trainer (:mod:`cuig_lightning.continual`) builds one such Trainer per request.
 """
@@ -71,6 +72,28 @@ class StageCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = filepath
 
 
+class StopWhenForgotten(Callback):
+    """Ends a request's training once its UA reaches ``min_ua`` ("trained until UA >= 95", the paper's
+    simultaneous reference), checked every ``every`` optimizer steps on the evaluation grid's erased part;
+    ``max_steps`` stays the cap. Rank 0 samples and judges; every rank stops at the same step."""
+
+    def __init__(self, evaluation, erased: list[str], domain: str, min_ua: float, every: int):
+        self.evaluation, self.erased, self.domain = evaluation, list(erased), domain
+        self.min_ua, self.every = min_ua, every
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every or step >= (trainer.max_steps or 0):
+            return  # the last step is evaluated by the job anyway
+        ua = self.evaluation.unlearn_accuracy(pl_module.diffusion, self.erased, self.domain) if trainer.is_global_zero else 0.0
+        ua = float(trainer.strategy.broadcast(ua, src=0))
+        if trainer.is_global_zero:  # one row at the checked step (self.log would repeat it on every later row)
+            for logger in trainer.loggers:
+                logger.log_metrics({"forgetting/ua_check": ua}, step=step)
+        if ua >= self.min_ua:
+            trainer.should_stop = True
+
+
 class RequestProgressBar(TQDMProgressBar):
     """The training bar named after the request ("request 3/12 Green_Checks"), counting its steps."""
 
@@ -130,10 +153,10 @@ def _logger_from_class_path(class_path: str, save_dir: Path) -> Logger:
 
 
 def stage_callbacks(templates: list[Callback], checkpoint: StageCheckpoint, label: str,
-                    progress_bar: bool) -> list[Callback]:
+                    progress_bar: bool, stop: StopWhenForgotten | None = None) -> list[Callback]:
     """Fresh copies of the configured callbacks (regularizer state belongs to one stage), the checkpoint,
-    and the request-named progress bar unless one was configured or bars are off."""
-    callbacks = [copy.deepcopy(c) for c in templates] + [checkpoint]
+    the stop rule if any, and the request-named progress bar unless one was configured or bars are off."""
+    callbacks = [copy.deepcopy(c) for c in templates] + [checkpoint] + ([stop] if stop else [])
     if progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(RequestProgressBar(label))
     return callbacks

@@ -72,7 +72,7 @@ def write_smoke_overlay(tmp_path: Path, model_path: Path, cache_dir: Path, max_s
     """A config overlay that shrinks a shipped job to two tiny requests on ``model_path``, without evaluation."""
     smoke = tmp_path / "smoke.yaml"
     smoke.write_text(yaml.safe_dump({
-        "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": max_steps, "evaluation": None,
+        "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": max_steps, "evaluation": None, "until_ua": None,
                     "enable_progress_bar": False, "accelerator": "cpu",
                     "requests": yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["requests"][:2]},
         "model": {"model_path": str(model_path)},

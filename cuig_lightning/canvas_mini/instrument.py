@@ -9,7 +9,8 @@ Runs (or reuses) the real jobs behind each check, then writes ``results/instrume
    classifier's mean penultimate features over fresh drawings), and for the most similar 10% of
    pairs the share that agree on each look attribute (none may be shared by all of them);
 3. sequential ConAbl on the reported sequence (``seeds``): the first request with RA-I < 50;
-4. simultaneous ConAbl (all 12 targets from the base model at once): UA, RA-I, RA-C;
+4. simultaneous ConAbl (all 12 targets from the base model at once, trained until UA >= 95 by the
+   overlay's ``trainer.until_ua``): UA, RA-I, RA-C and the steps it took;
 5. after request 1: Pearson r between each retained style's text cosine to the target and its
    accuracy (mean over the seeds; also per seed).
 
@@ -148,7 +149,7 @@ def instrument(
 
     Args:
         job: the main job's config, plus overlays (e.g. ``configs/paper/validation.yaml`` for the validation split).
-        simultaneous: overlay that erases all the targets at once (its ``max_steps`` trains to UA >= 95).
+        simultaneous: overlay that erases all the targets at once (trained until UA >= 95, ``max_steps`` the cap).
         seeds: seeds of the sequential runs (and of the similarity check); the main job's own seed is 42.
         runs_dir: where the jobs' run folders go (reused when finished).
         output: the Markdown report (a ``.json`` with the same numbers is written beside it).
@@ -182,7 +183,7 @@ def instrument(
                  "wall_minutes": round(wall, 1)}
         for s, (rows, wall) in fits.items()
     }  # fmt: skip
-    report["simultaneous"] = {**{k: sim_rows[-1][k] for k in ("UA", "RA_I", "RA_C", "drift_rel")},
+    report["simultaneous"] = {**{k: sim_rows[-1].get(k) for k in ("UA", "RA_I", "RA_C", "drift_rel", "steps")},
                               "wall_minutes": round(sim_wall, 1)}  # fmt: skip
 
     index = {s: i for i, s in enumerate(world.STYLES)}
@@ -228,10 +229,13 @@ def write_report(report: dict, path: Path) -> None:
            "`cuig instrument`) | – |"),
         f"| sequential ConAbl: first request with RA-I < 50 (seeds {', '.join(report['sequential'])}) | 3-6 | "
         f"{', '.join(str(f) for f in firsts)} | {'yes' if all(f is not None and 3 <= f <= 6 for f in firsts) else 'no'} |",
-        f"| simultaneous ConAbl, all 12 targets | UA ≥ 95, RA-I ≥ 60, RA-C ≥ 80 | UA {sim['UA']:.1f}, RA-I {sim['RA_I']:.1f}, "
-        f"RA-C {sim['RA_C']:.1f} | {'yes' if sim['UA'] >= 95 and sim['RA_I'] >= 60 and sim['RA_C'] >= 80 else 'no'} |",
+        f"| simultaneous ConAbl, all 12 targets, trained until UA ≥ 95 | UA ≥ 95, RA-I ≥ 60, RA-C ≥ 80 | UA {sim['UA']:.1f}, "
+        f"RA-I {sim['RA_I']:.1f}, RA-C {sim['RA_C']:.1f} after {sim.get('steps') or '?'} steps | "
+        f"{'yes' if sim['UA'] >= 95 and sim['RA_I'] >= 60 and sim['RA_C'] >= 80 else 'no'} |",
         f"| after request 1 ({r1['target']}): Pearson r(text cosine to target, accuracy), 12 retained styles | ≤ -0.5 | "
-        f"{r1['pearson_r']} (per seed {r1['per_seed_r']}) | {'yes' if r1['pearson_r'] is not None and r1['pearson_r'] <= -0.5 else 'no'} |",
+        + (f"{r1['pearson_r']} (per seed {r1['per_seed_r']})" if r1["pearson_r"] is not None else
+           "undefined: every retained style kept the same accuracy (no damage to correlate)")
+        + f" | {'yes' if r1['pearson_r'] is not None and r1['pearson_r'] <= -0.5 else 'no'} |",
         "",
         "Sequential RA-I after each request (mean over the seeds that reached it): " + ", ".join(f"{v:.0f}" for v in ra_i),
         "",

@@ -21,24 +21,28 @@ from torch.utils.data import DataLoader, IterableDataset
 from cuig_lightning.checkpoints import CheckpointError, load_tensors, save_tensors
 from cuig_lightning.models.diffusion import DiffusionModel
 from cuig_lightning.progress import progress
-from cuig_lightning.requests import Request, Stage, concept_text
+from cuig_lightning.requests import DEFAULT_STYLE_TEMPLATES, Request, Stage, concept_text
 
 DEFAULT_PROMPTS = ["A painting.", "An image.", "A picture of a scene.", "A drawing."]
 DEFAULT_OBJECT_TEMPLATES = ["A {} image.", "A photo of {}.", "A painting of {}."]
 
 
-def style_prompt(prompt: str, style: str) -> str:
-    """Insert a style into a neutral prompt: "A dog image." -> "A dog image in Van Gogh style."."""
-    return f"{prompt.rstrip().rstrip('.')} in {concept_text(style)} style."
+def style_prompt(prompt: str, style: str, template: str = DEFAULT_STYLE_TEMPLATES[0]) -> str:
+    """Insert a style into a neutral prompt with a template of ``{prompt}`` (the prompt without its final
+    period) and ``{style}``: "A dog image." -> "A dog image in Van Gogh style."."""
+    return template.format(prompt=prompt.rstrip().rstrip("."), style=concept_text(style))
 
 
 class PairedPrompts:
-    """The anchor prompts of a request and the target prompts made from them, index for index."""
+    """The anchor prompts of a request and the target prompts made from them, index for index.
+    A style request pairs every anchor prompt with every style template (anchor prompts repeat)."""
 
-    def __init__(self, request: Request, prompts: list[str], object_templates: list[str]):
+    def __init__(self, request: Request, prompts: list[str], object_templates: list[str],
+                 style_templates: list[str] = DEFAULT_STYLE_TEMPLATES):
         if request.domain == "style":
-            self.anchor = list(request.prompts or prompts)
-            self.target = [style_prompt(p, request.target) for p in self.anchor]
+            neutral = list(request.prompts or prompts)
+            self.anchor = [p for _ in style_templates for p in neutral]
+            self.target = [style_prompt(p, request.target, tpl) for tpl in style_templates for p in neutral]
         else:
             if request.prompts:  # explicit prompts name the anchor; swap it for the target
                 self.anchor = list(request.prompts)
@@ -98,6 +102,10 @@ class UnlearningData(L.LightningDataModule):
     Args:
         prompts: neutral anchor prompts for style requests (the target prompt appends "in {style} style").
         object_templates: templates with ``{}`` for object requests (filled with anchor and target).
+        style_templates: how a style request's target prompts are made from the anchor prompts, with
+            ``{prompt}`` (an anchor prompt without its final period) and ``{style}``; every anchor prompt
+            is paired with every template. The paper's code inserts the style as a suffix or a prefix, so
+            training prompts are not the evaluation template.
         images_per_prompt: anchor images generated per anchor prompt.
         batch_size: training batch size per device.
         sample_steps: DDIM steps of the sampler that generates the anchor images (with the base model).
@@ -113,6 +121,7 @@ class UnlearningData(L.LightningDataModule):
         self,
         prompts: list[str] | None = None,
         object_templates: list[str] | None = None,
+        style_templates: list[str] | None = None,
         images_per_prompt: int = 2,
         batch_size: int = 4,
         sample_steps: int = 25,
@@ -124,6 +133,10 @@ class UnlearningData(L.LightningDataModule):
         super().__init__()
         self.prompts = prompts or list(DEFAULT_PROMPTS)
         self.object_templates = object_templates or list(DEFAULT_OBJECT_TEMPLATES)
+        self.style_templates = style_templates or list(DEFAULT_STYLE_TEMPLATES)
+        for template in self.style_templates:
+            if "{prompt}" not in template or "{style}" not in template:
+                raise ValueError(f"data.style_templates: {template!r} needs both {{prompt}} and {{style}}")
         self.images_per_prompt = images_per_prompt
         self.batch_size = batch_size
         self.sample_steps, self.guidance, self.seed = sample_steps, guidance, seed
@@ -170,7 +183,7 @@ class UnlearningData(L.LightningDataModule):
         """Build (or load from cache) the anchor images and prompt embeddings of a stage's requests."""
         latents, index, anchor, target = [], [], [], []
         for request in stage.requests:
-            pairs = PairedPrompts(request, self.prompts, self.object_templates)
+            pairs = PairedPrompts(request, self.prompts, self.object_templates, self.style_templates)
             latents.append(self._anchor_latents(model, pairs.anchor))
             index.append(torch.arange(len(pairs.anchor)).repeat_interleave(self.images_per_prompt))
             anchor.append(self._embeddings(model, pairs.anchor))

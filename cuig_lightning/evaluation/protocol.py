@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cuig_lightning.evaluation.metrics import unlearncanvas_metrics
+from cuig_lightning.evaluation.metrics import unlearn_accuracy, unlearncanvas_metrics
 from cuig_lightning.models.diffusion import DiffusionModel
 from cuig_lightning.progress import progress
 from cuig_lightning.requests import NEUTRAL_STYLE, caption
@@ -141,6 +141,15 @@ class Evaluation:
             objects = list(dict.fromkeys(o for _, o in pairs))
             save_image_grid(images[: len(pairs)], styles, objects, sample_path, erased)
         return metrics
+
+    def unlearn_accuracy(self, model: DiffusionModel, erased: list[str], domain: str) -> float:
+        """UA alone (percent): only the erased concepts' part of the grid is sampled (the stop rule's check)."""
+        clf = self.classifiers
+        pairs = [p for p in self.grid(erased, domain) if (p[0] if domain == "style" else p[1]) in erased]
+        pred_style, pred_object = clf.predict(self.generate(model, pairs))
+        vocab, pred, side = (clf.styles, pred_style, 0) if domain == "style" else (clf.objects, pred_object, 1)
+        prompted = torch.tensor([vocab.index(p[side]) for p in pairs] * len(self.seeds))
+        return unlearn_accuracy(prompted, pred, [vocab.index(c) for c in erased], len(vocab))
 
     def base_accuracy(self, model: DiffusionModel, sample_path: Path | None = None) -> dict:
         """Style and object accuracy (percent) over every style class × every object (the base-model check).

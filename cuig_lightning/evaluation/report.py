@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cuig_lightning.checkpoints import atomic_write, write_json
 
-COLUMNS = ["request", "targets", "UA", "RA_I", "RA_C", "drift", "drift_rel"]
+COLUMNS = ["request", "targets", "steps", "UA", "RA_I", "RA_C", "drift", "drift_rel"]
 
 
 def _fmt(value) -> str:

@@ -42,3 +42,12 @@ def test_generation_is_deterministic(canvas_model):
     a = evaluation.generate(canvas_model, [("Van_Gogh", "Circle")])
     b = evaluation.generate(canvas_model, [("Van_Gogh", "Circle")])
     assert a.shape == (1, 3, 32, 32) and torch.equal(a, b)
+
+
+def test_unlearn_accuracy_alone_equals_the_full_evaluations_ua(canvas_model):
+    """The stop rule's check samples only the erased part of the grid; its UA is the full evaluation's."""
+    evaluation = Evaluation(retain_styles=["Monet", "Bricks"], retain_objects=["Circle", "House", "Star"],
+                            seeds=[188, 288], steps=6, guidance=1.5)  # fmt: skip
+    erased = ["Van_Gogh", "Winter"]
+    full = evaluation.evaluate(canvas_model, erased=erased, domain="style")
+    assert evaluation.unlearn_accuracy(canvas_model, erased, "style") == pytest.approx(full["UA"], abs=1e-9)

@@ -21,7 +21,7 @@ pytestmark = [
 # ------------------------------------------------------------------------------ whole jobs through the CLI
 METHODS = {
     "sculpmem": {"class_path": "cuig_lightning.methods.SculpMem",
-                 "init_args": {"density": 0.5, "warmup_steps": 2, "swap_every": 2, "turnover": 0.5}},
+                 "init_args": {"trainable": "xattn", "density": 0.5, "warmup_steps": 2, "swap_every": 2, "turnover": 0.5}},
     "esd": {"class_path": "cuig_lightning.methods.ESD", "init_args": {"trainable": "xattn", "trajectory_steps": 4}},
 }
 L2 = {"class_path": "callbacks.NormRegularizer", "init_args": {"p": 2, "weight": 10.0}}

@@ -129,29 +129,44 @@ def test_selft_state_dict_round_trip_and_resume_reuses_the_mask(tmp_path, monkey
 
 
 def test_model_merge_saves_task_vectors_and_writes_the_merged_weights(tmp_path):
-    lam, density = 2.0, 0.5
+    """Request 1 keeps its task vector as trained (the paper's runs); request 2 is θ0 + TIES(τ1, τ2) with
+    request 2's λ from the schedule."""
+    lams, density = [9.0, 2.0], 0.5
     first = FakeUnlearning(make_stage(tmp_path, 0, "independent"), data_seed=1)
     cap0 = Capture()
-    fit(first, [cap0, ModelMerge("ties", density, lam)], max_steps=3)
+    fit(first, [cap0, ModelMerge("ties", density, lams)], max_steps=3)
     r0 = tmp_path / "r0"
     tau0 = load_tensors(r0 / "task_vector.safetensors")
     theta0 = first.base_weights
     for n, p in first.trainable.items():
         assert torch.equal(tau0[n], cap0.weights[n] - theta0[n])
-    merged = merge_task_vectors([tau0], "ties", density, lam)
-    assert all(torch.equal(p, theta0[n] + merged[n]) for n, p in first.trainable.items())
-    record = json.loads((r0 / "merge.json").read_text())
-    assert record == {"method": "ties", "density": density, "lam": lam, "merged": [str(r0)]}
+        assert torch.equal(p, cap0.weights[n])  # not merged, not scaled by lam[0]
+    assert json.loads((r0 / "merge.json").read_text()) == {"method": None, "merged": [str(r0)]}
 
     second = FakeUnlearning(make_stage(tmp_path, 1, "independent", erased=["Near"], previous=[r0]), data_seed=2)
     cap1 = Capture()
-    fit(second, [cap1, ModelMerge("ties", density, lam)], max_steps=3)
+    fit(second, [cap1, ModelMerge("ties", density, lams)], max_steps=3)
     tau1 = {n: cap1.weights[n] - theta0[n] for n in theta0}
-    merged = merge_task_vectors([tau0, tau1], "ties", density, lam)
+    merged = merge_task_vectors([tau0, tau1], "ties", density, lams[1])
     for n, p in second.trainable.items():
         assert p.dtype == torch.float32 and isinstance(p, nn.Parameter)
         torch.testing.assert_close(p.detach(), theta0[n] + merged[n], rtol=0, atol=1e-7)
-    assert json.loads((tmp_path / "r1" / "merge.json").read_text())["merged"] == [str(r0), str(tmp_path / "r1")]
+    record = json.loads((tmp_path / "r1" / "merge.json").read_text())
+    assert record == {"method": "ties", "density": density, "lam": lams[1], "merged": [str(r0), str(tmp_path / "r1")]}
+
+
+def test_model_merge_single_merges_request_one_and_the_schedule_repeats_its_last_value(tmp_path):
+    lam, density = 2.0, 0.5
+    first = FakeUnlearning(make_stage(tmp_path, 0, "independent"), data_seed=1)
+    cap0 = Capture()
+    fit(first, [cap0, ModelMerge("ties", density, lam, merge_single=True)], max_steps=3)
+    tau0 = {n: cap0.weights[n] - first.base_weights[n] for n in first.base_weights}
+    merged = merge_task_vectors([tau0], "ties", density, lam)
+    assert all(torch.equal(p, first.base_weights[n] + merged[n]) for n, p in first.trainable.items())
+    schedule = ModelMerge(lam=[1.25, 1.5, 2.0])
+    assert [schedule.lam_at(n) for n in (1, 2, 3, 4, 12)] == [1.25, 1.5, 2.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="lam"):
+        ModelMerge(lam=[])
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "uniform"])
@@ -271,7 +286,8 @@ def test_all_four_compose_on_an_independent_stage(tmp_path):
     stage = make_stage(tmp_path, 0, "independent")
     module = FakeUnlearning(stage, optimizer="adamw", lr=1e-2, weight_decay=0.1)
     selft, cap = SelectiveFineTuning(topk=0.2, num_timesteps=4), Capture()
-    callbacks = [GradientProjection(k=3), selft, NormRegularizer(p=1, weight=50.0), cap, ModelMerge("ties", 0.5, 2.0)]
+    merge = ModelMerge("ties", 0.5, 2.0, merge_single=True)  # merged at once: one stage shows all four
+    callbacks = [GradientProjection(k=3), selft, NormRegularizer(p=1, weight=50.0), cap, merge]
     fit(module, callbacks, max_steps=3)
     theta0 = module.base_weights
     tau = {n: cap.weights[n] - theta0[n] for n in theta0}

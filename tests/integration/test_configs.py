@@ -60,7 +60,8 @@ ROW_CALLBACKS = {
 def test_sculpmem_rows_parse(capsys, row):
     cfg = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / "canvas_mini_sculpmem" / f"{row}.yaml")
     method = cfg["model"]["method"]
-    assert method["class_path"] == "cuig_lightning.methods.SculpMem" and "trainable" not in method["init_args"]
+    assert method["class_path"] == "cuig_lightning.methods.SculpMem"
+    assert method["init_args"]["trainable"] == "xattn_kv"  # the paper's runs (method.md)
     classes = [c["class_path"] for c in cfg["trainer"]["callbacks"] or []]
     assert classes == ROW_CALLBACKS[row]  # the dynamic mask comes with the method, never listed
     expected_schedule = {"simultaneous": "simultaneous", "merge": "independent", "merge_gradproj": "independent"}

@@ -161,7 +161,7 @@ def test_sculpmem_losses(tiny_sd):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
     for n in got:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-8)
-    assert set(got) == set(trainable_names(d.unet, "xattn"))
+    assert set(got) == set(trainable_names(d.unet, "xattn_kv"))  # the paper's runs train to_k / to_v only
     # the paper's code: the ConAbl loss itself
     assert torch.equal(sculpmem_loss(d, batch, "conabl").detach(), conabl_loss(d, batch).detach())
 
@@ -183,7 +183,9 @@ def test_each_method_brings_its_trainable_group_and_callbacks(tiny_sd):
     from callbacks import DynamicMask
 
     module = UnlearningModule(model_path=str(tiny_sd), method=SculpMem(warmup_steps=3))
-    assert sorted(module.trainable) == trainable_names(module.diffusion.unet, "xattn")
+    assert sorted(module.trainable) == trainable_names(module.diffusion.unet, "xattn_kv")
+    wide = UnlearningModule(model_path=str(tiny_sd), method=SculpMem(trainable="xattn"))
+    assert sorted(wide.trainable) == trainable_names(wide.diffusion.unet, "xattn")
     first, second = module.configure_callbacks(), module.configure_callbacks()
     assert [type(c) for c in first] == [DynamicMask] and first[0].warmup_steps == 3
     assert first[0] is not second[0]  # a fresh mask for every stage

@@ -13,6 +13,7 @@ from cuig_lightning.checkpoints import DELTA, CheckpointError, read_manifest, sa
 from cuig_lightning.cli import from_run_folder, one_line
 from cuig_lightning.config_checks import ConfigError, check_classes
 from cuig_lightning.evaluation.protocol import Evaluation
+from cuig_lightning.requests import DEFAULT_STYLE_TEMPLATES
 from cuig_lightning.run_folder import JOB, RunFolder, RunFolderError, identity_hash, read_job, saved_config
 from lightning.pytorch.callbacks import Callback
 
@@ -33,6 +34,8 @@ def _changed(section: str, key: str, value) -> dict:
     ("trainer", "run_dir", "elsewhere"), ("trainer", "devices", 4), ("trainer", "evaluation", None),
     ("trainer", "enable_progress_bar", True), ("trainer", "logger", False), ("trainer", "log_every_n_steps", 50),
     ("trainer", "checkpoint_every", 3), ("data", "cache_dir", "/b"),
+    # options added later, at the value that trains as before they existed (finished runs stay theirs)
+    ("trainer", "until_ua", None), ("trainer", "until_ua_every", 20), ("data", "style_templates", DEFAULT_STYLE_TEMPLATES),
 ])
 def test_identity_ignores_what_does_not_change_the_weights(section, key, value):
     assert identity_hash(_changed(section, key, value)) == identity_hash(CONFIG)
@@ -41,7 +44,8 @@ def test_identity_ignores_what_does_not_change_the_weights(section, key, value):
 @pytest.mark.parametrize("section, key, value", [
     ("trainer", "max_steps", 5), ("trainer", "requests", [{"target": "B"}]), ("trainer", "precision", "bf16-mixed"),
     ("trainer", "callbacks", [{"class_path": "callbacks.NormRegularizer"}]), ("model", "learning_rate", 1e-4),
-    ("data", "batch_size", 4), ("seed_everything", None, None),
+    ("data", "batch_size", 4), ("seed_everything", None, None), ("trainer", "until_ua", 95.0),
+    ("data", "style_templates", ["In {style} style, {prompt}."]),
 ])
 def test_identity_counts_what_decides_the_weights(section, key, value):
     changed = dict(CONFIG, seed_everything=2) if section == "seed_everything" else _changed(section, key, value)
@@ -165,3 +169,9 @@ def test_model_fingerprint_follows_weight_contents(tmp_path):
     (tmp_path / "c" / "unet").symlink_to(tmp_path / "a" / "unet")
     assert fingerprint(tmp_path / "a") != fingerprint(tmp_path / "b")
     assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "c")  # links are followed: same contents
+
+
+def test_the_check_interval_counts_only_with_the_stop_rule():
+    with_rule = _changed("trainer", "until_ua", 95.0)
+    assert identity_hash(with_rule) != identity_hash(dict(with_rule, trainer={**with_rule["trainer"], "until_ua_every": 40}))
+    assert identity_hash(_changed("trainer", "until_ua_every", 40)) == identity_hash(CONFIG)
