@@ -36,14 +36,27 @@ from cuig_lightning.canvas_mini import looks, world
 from cuig_lightning.canvas_mini.classifiers import DEFAULT_DIR, EVAL_SEED, load_classifier
 
 
-def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = None) -> tuple[list[dict], float]:
+POLL_SECONDS = 5.0  # how often a running job's metrics.json is read
+
+
+def _collapsed(rows: list[dict]) -> bool:
+    return any(r["RA_I"] < 50 for r in rows)
+
+
+def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = None,
+         stop_after_collapse: bool = False) -> tuple[list[dict], float]:
     """Run (or reuse) one ``cuig fit``: its per-request metric rows and its wall time in minutes (whole process:
     model loading, anchor generation, training, evaluation; measured when it ran, kept beside the run folder).
 
     The job's own ``seed_everything`` runs the job exactly as configured; another seed also becomes the data
-    seed (anchor images and the training stream), so that the runs really differ."""
+    seed (anchor images and the training stream), so that the runs really differ. ``stop_after_collapse``:
+    end the job once a request's RA-I < 50 is written (no check reads the later requests); a folder whose
+    ``metrics.json`` shows that, or a finished job, is reused as it is."""
     metrics, clock = run_dir / "metrics.json", run_dir.parent / f"{run_dir.name}.wall_seconds"
-    if not metrics.is_file():
+    rows = lambda: json.loads(metrics.read_text()) if metrics.is_file() else []  # noqa: E731
+    finished = metrics.is_file() and (len(rows()) >= _planned_requests(configs) or
+                                      (stop_after_collapse and _collapsed(rows())))  # fmt: skip
+    if not finished:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         own_seed = yaml.safe_load(Path(configs[0]).read_text()).get("seed_everything")
         cmd = [sys.executable, "-m", "cuig_lightning", "fit", *(a for c in configs for a in ("--config", c)),
@@ -52,11 +65,25 @@ def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = Non
         print("$", " ".join(cmd[2:]), flush=True)
         t0 = time.perf_counter()
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
-        clock.write_text(f"{time.perf_counter() - t0:.1f}\n")
+        with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+            job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            while job.poll() is None:
+                time.sleep(POLL_SECONDS)
+                if stop_after_collapse and metrics.is_file() and _collapsed(rows()):
+                    job.terminate()  # the folder stays resumable: a later run picks up where this one stopped
+                    job.wait()
+            if job.returncode not in (0, -15) or (job.returncode and not _collapsed(rows())):
+                raise subprocess.CalledProcessError(job.returncode, cmd)
+        if not stop_after_collapse:
+            clock.write_text(f"{time.perf_counter() - t0:.1f}\n")
     wall = float(clock.read_text()) / 60 if clock.is_file() else float("nan")
-    return json.loads(metrics.read_text()), wall
+    return rows(), wall
+
+
+def _planned_requests(configs: list[str]) -> int:
+    """How many metric rows the finished job has: one per request, one for a simultaneous stage."""
+    trainer = _trainer_section(configs)
+    return 1 if trainer.get("schedule") == "simultaneous" else len(trainer["requests"])
 
 
 def _image_statistics(images: np.ndarray) -> np.ndarray:
@@ -110,12 +137,18 @@ def look_meaning(cosine: np.ndarray, n_per_class: int = 4) -> dict:
     }
 
 
-def _job_settings(configs: list[str]) -> tuple[list[str], list[str], dict]:
-    """The targets, retain styles and evaluation settings of a job given as a base config plus overlays."""
+def _trainer_section(configs: list[str]) -> dict:
+    """The ``trainer`` section of a base config plus overlays (the evaluation merged key by key)."""
     trainer: dict = {}
     for config in configs:
         section = yaml.safe_load(Path(config).read_text()).get("trainer", {})
         trainer = {**trainer, **section, "evaluation": {**trainer.get("evaluation", {}), **section.get("evaluation", {})}}
+    return trainer
+
+
+def _job_settings(configs: list[str]) -> tuple[list[str], list[str], dict]:
+    """The targets, retain styles and evaluation settings of a job given as a base config plus overlays."""
+    trainer = _trainer_section(configs)
     return [r["target"] for r in trainer["requests"]], trainer["evaluation"]["retain_styles"], trainer["evaluation"]
 
 
@@ -144,6 +177,7 @@ def instrument(
     output: str = "results/instrument.md",
     base_seeds: list[int] = [188, 288],
     jobs: int = 1,
+    stop_after_collapse: bool = True,
 ) -> dict:
     """Run the instrument checks and write the report.
 
@@ -155,6 +189,8 @@ def instrument(
         output: the Markdown report (a ``.json`` with the same numbers is written beside it).
         base_seeds: sampling seeds of the base-model check.
         jobs: ``cuig fit`` processes at once (each with ``cores / jobs`` threads; wall times are then under load).
+        stop_after_collapse: the sequential runs of seeds other than the job's own end once RA-I < 50 (checks 3
+            and 5 read nothing later); the job's own seed always runs every request (its curve, its wall time).
     """
     targets, retain, ev = _job_settings(job)
     runs = Path(runs_dir)
@@ -165,14 +201,16 @@ def instrument(
     cosine = looks.style_text_cosine()
     report["look_meaning"] = look_meaning(cosine)
 
-    plan = {s: (job, runs / "sequential" / f"seed{s}", s) for s in seeds}
-    plan["simultaneous"] = ([*job, simultaneous], runs / "simultaneous" / f"seed{seeds[0]}", seeds[0])
+    own_seed = yaml.safe_load(Path(job[0]).read_text()).get("seed_everything")
+    plan = {s: dict(configs=job, run_dir=runs / "sequential" / f"seed{s}", seed=s,
+                    stop_after_collapse=stop_after_collapse and s != own_seed) for s in seeds}
+    plan["simultaneous"] = dict(configs=[*job, simultaneous], run_dir=runs / "simultaneous" / f"seed{seeds[0]}", seed=seeds[0])
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     if threads:
         torch.set_num_threads(threads)  # the base check runs in this process, beside the fits
     with ThreadPoolExecutor(jobs) as pool:
         base = pool.submit(_base_check, runs / "base.json", base_seeds, ev.get("steps", 20), ev.get("guidance", 1.5))
-        futures = {key: pool.submit(_fit, *args, threads) for key, args in plan.items()}
+        futures = {key: pool.submit(_fit, threads=threads, **run) for key, run in plan.items()}
         fits = {key: f.result() for key, f in futures.items()}
         report["base"] = base.result()
     sim_rows, sim_wall = fits.pop("simultaneous")

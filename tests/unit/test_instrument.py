@@ -44,3 +44,32 @@ def test_report_marks_each_check(tmp_path):
     text = path.read_text()
     for check in ("sequential ConAbl", "simultaneous ConAbl", "after request 1"):
         assert next(line for line in text.splitlines() if check in line).endswith("| no |"), check
+
+
+FAKE_FIT = """#!/usr/bin/env python3
+# stands in for `python -m cuig_lightning fit ...`: one metrics row per request, RA-I collapsing at request 3
+import json, sys, time
+from pathlib import Path
+run = Path(sys.argv[sys.argv.index("--trainer.run_dir") + 1]); run.mkdir(parents=True, exist_ok=True)
+for n in range(1, 13):
+    rows = [{"request": k, "UA": 100.0, "RA_I": 100.0 - 30.0 * (k - 1), "RA_C": 90.0} for k in range(1, n + 1)]
+    (run / "metrics.json").write_text(json.dumps(rows))
+    time.sleep(0.3)
+"""
+
+
+def test_sequential_runs_stop_after_the_collapse_and_are_then_reused(tmp_path, monkeypatch):
+    from cuig_lightning.canvas_mini import instrument
+
+    fake = tmp_path / "fake_fit"
+    fake.write_text(FAKE_FIT)
+    fake.chmod(0o755)
+    monkeypatch.setattr(instrument.sys, "executable", str(fake))
+    monkeypatch.setattr(instrument, "POLL_SECONDS", 0.05)
+    job = [str(CONFIGS / "seq12.yaml")]
+    rows, _ = instrument._fit(job, tmp_path / "seed43", 43, stop_after_collapse=True)
+    assert 3 <= len(rows) < 12 and rows[2]["RA_I"] < 50  # ended soon after request 3, not after 12
+    again, _ = instrument._fit(job, tmp_path / "seed43", 43, stop_after_collapse=True)
+    assert again == rows  # reused: nothing ran
+    full, wall = instrument._fit(job, tmp_path / "seed42", 42)
+    assert len(full) == 12 and wall == wall  # the job's own seed runs through and is timed
