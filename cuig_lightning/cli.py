@@ -79,7 +79,7 @@ def main(args: list[str] | None = None) -> None:
         uses_run_dir = bool(argv) and argv[0] in ("evaluate", "export") and _option(argv, "--run_dir")[0] is not None
         with tempfile.TemporaryDirectory(prefix="cuig-") if uses_run_dir else contextlib.nullcontext() as scratch:
             if argv and argv[0] in COMMANDS:
-                CLI(COMMANDS[argv[0]], args=argv[1:], as_positional=False, prog=f"cuig {argv[0]}")
+                CLI(COMMANDS[argv[0]], args=argv[1:], as_positional=False, prog=f"cuig {argv[0]}", exit_on_error=False)
             else:
                 cli_args = from_run_folder(argv, scratch)
                 # LightningCLI reads sys.argv itself unless the command line was given or rewritten

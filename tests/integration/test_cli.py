@@ -141,6 +141,18 @@ def test_config_errors_say_why_in_one_line(make_config, capsys, tmp_path, args, 
     assert not (tmp_path / "run" / "job.json").exists()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["pretrain", "--steps", "abc"], 'key "steps"'),
+    (["instrument", "--seedz", "1"], "unrecognized arguments: --seedz"),
+    (["train-classifier", "--kind", "colour"], "kind"),
+])
+def test_function_command_errors_are_one_line(capsys, args, needle):
+    assert run_cli(*args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [captured.err.strip()] and needle in captured.err
+    assert captured.err.startswith("cuig: error:") and "usage:" not in captured.out + captured.err
+
+
 def test_truncated_model_weights_are_one_line(tiny_sd, make_config, capsys, tmp_path):
     import shutil
 
