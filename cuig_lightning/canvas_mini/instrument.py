@@ -34,6 +34,7 @@ from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
 from cuig_lightning.canvas_mini import looks, world
 from cuig_lightning.canvas_mini.classifiers import DEFAULT_DIR, EVAL_SEED, load_classifier
+from cuig_lightning.checkpoints import DELTA
 
 
 POLL_SECONDS = 5.0  # how often a running job's metrics.json is read
@@ -152,6 +153,38 @@ def _job_settings(configs: list[str]) -> tuple[list[str], list[str], dict]:
     return [r["target"] for r in trainer["requests"]], trainer["evaluation"]["retain_styles"], trainer["evaluation"]
 
 
+def _style_probability(path: Path, run_dirs: list[Path], retain: list[str], objects: list[str], steps: int,
+                       guidance: float, seeds: tuple[int, ...] = (188, 288, 588)) -> dict:
+    """A finer damage measure than accuracy (kept in ``path``): per retained style, the style classifier's mean
+    probability of the prompted style over ``retain x objects x seeds``, for the base model and after request 1
+    of each run. Shows whether damage follows similarity where no image changes its label."""
+    from safetensors.torch import load_file
+
+    from cuig_lightning.evaluation.protocol import Evaluation
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    if not path.is_file():
+        evaluation = Evaluation(seeds=list(seeds), steps=steps, guidance=guidance)
+        model = DiffusionModel.from_pretrained("canvas-mini")
+        base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+        pairs = [(s, o) for s in retain for o in objects]
+        clf = evaluation.classifiers
+        prompted = torch.tensor([clf.styles.index(s) for s, _ in pairs] * len(seeds))
+
+        def probability(delta: dict | None) -> list[float]:
+            model.unet.load_state_dict({**base, **(delta or {})})
+            with torch.no_grad():
+                p = torch.softmax(clf.style(evaluation.generate(model, pairs) * 2 - 1), -1)
+            p = p[torch.arange(len(prompted)), prompted].reshape(len(seeds), len(retain), len(objects))
+            return [round(float(v), 4) for v in p.mean((0, 2))]
+
+        result = {"seeds": list(seeds), "base": probability(None),
+                  "after": {d.name: probability(load_file(str(next((d / "requests").glob("01-*")) / DELTA)))
+                            for d in run_dirs}}  # fmt: skip
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return json.loads(path.read_text())
+
+
 def _base_check(path: Path, seeds: list[int], steps: int, guidance: float) -> dict:
     """The base model over the full grid (kept in ``path``, like the runs: it takes minutes)."""
     from cuig_lightning.evaluation.protocol import Evaluation
@@ -234,6 +267,13 @@ def instrument(
         "per_seed_r": per_seed,
         "styles": {r: {"cosine": round(float(c), 3), "accuracy": round(float(a), 1)} for r, c, a in zip(retain, cos, mean_acc)},
     }  # fmt: skip
+    probability = _style_probability(runs / "request1_probability.json", [plan[s]["run_dir"] for s in seeds], retain,
+                                     ev["retain_objects"], ev.get("steps", 20), ev.get("guidance", 1.5))
+    drop = torch.tensor(probability["base"]) - torch.tensor(list(probability["after"].values())).mean(0)
+    report["similarity_after_request_1"]["probability"] = {
+        **probability, "mean_drop": [round(float(d), 4) for d in drop],
+        "pearson_r_drop": round(float(pearson_corrcoef(cos.double(), drop.double())), 3) if drop.std() > 0 else None,
+    }  # fmt: skip
     write_report(report, Path(output))
     return report
 
@@ -284,6 +324,15 @@ def write_report(report: dict, path: Path) -> None:
         + ", ".join(f"{s} {v['cosine']} → {v['accuracy']}" for s, v in sorted(r1["styles"].items(), key=lambda x: -x[1]["cosine"])),
         "",
     ]  # fmt: skip
+    prob = r1.get("probability")
+    if prob:
+        lines += [
+            "A finer damage measure: the style classifier's mean probability of the prompted style (seeds "
+            f"{', '.join(map(str, prob['seeds']))}), base → after request 1 (mean over the runs); "
+            f"Pearson r(text cosine, drop) = {prob['pearson_r_drop']}: "
+            + ", ".join(f"{s} {b:.3f} → {b - d:.3f}" for s, b, d in zip(r1["styles"], prob["base"], prob["mean_drop"])),
+            "",
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

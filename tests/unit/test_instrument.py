@@ -46,6 +46,15 @@ def test_report_marks_each_check(tmp_path):
         assert next(line for line in text.splitlines() if check in line).endswith("| no |"), check
 
 
+def test_report_shows_the_finer_damage_measure_and_an_undefined_r(tmp_path):
+    report = _report(5, 70.0, None)
+    report["similarity_after_request_1"]["probability"] = {"seeds": [188], "base": [0.95], "mean_drop": [0.25],
+                                                           "pearson_r_drop": 0.7}  # fmt: skip
+    write_report(report, tmp_path / "instrument.md")
+    text = (tmp_path / "instrument.md").read_text()
+    assert "undefined" in text and "Monet 0.950 → 0.700" in text and "r(text cosine, drop) = 0.7" in text
+
+
 FAKE_FIT = """#!/usr/bin/env python3
 # stands in for `python -m cuig_lightning fit ...`: one metrics row per request, RA-I collapsing at request 3
 import json, sys, time
