@@ -55,9 +55,8 @@ def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = Non
     ``metrics.json`` shows that, or a finished job, is reused as it is."""
     metrics, clock = run_dir / "metrics.json", run_dir.parent / f"{run_dir.name}.wall_seconds"
     rows = lambda: json.loads(metrics.read_text()) if metrics.is_file() else []  # noqa: E731
-    finished = metrics.is_file() and (len(rows()) >= _planned_requests(configs) or
-                                      (stop_after_collapse and _collapsed(rows())))  # fmt: skip
-    if not finished:
+    done = rows()
+    if len(done) < _planned_requests(configs) and not (stop_after_collapse and _collapsed(done)):
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         own_seed = yaml.safe_load(Path(configs[0]).read_text()).get("seed_everything")
         cmd = [sys.executable, "-m", "cuig_lightning", "fit", *(a for c in configs for a in ("--config", c)),
@@ -67,13 +66,14 @@ def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = Non
         t0 = time.perf_counter()
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
-            job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            job, stopped = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), False
             while job.poll() is None:
                 time.sleep(POLL_SECONDS)
-                if stop_after_collapse and metrics.is_file() and _collapsed(rows()):
+                if stop_after_collapse and _collapsed(rows()):
                     job.terminate()  # the folder stays resumable: a later run picks up where this one stopped
                     job.wait()
-            if job.returncode not in (0, -15) or (job.returncode and not _collapsed(rows())):
+                    stopped = True
+            if job.returncode and not stopped:
                 raise subprocess.CalledProcessError(job.returncode, cmd)
         if not stop_after_collapse:
             clock.write_text(f"{time.perf_counter() - t0:.1f}\n")
@@ -173,8 +173,7 @@ def _style_probability(path: Path, run_dirs: list[Path], retain: list[str], obje
 
         def probability(delta: dict | None) -> list[float]:
             model.unet.load_state_dict({**base, **(delta or {})})
-            with torch.no_grad():
-                p = torch.softmax(clf.style(evaluation.generate(model, pairs) * 2 - 1), -1)
+            p = clf.style_probabilities(evaluation.generate(model, pairs))
             p = p[torch.arange(len(prompted)), prompted].reshape(len(seeds), len(retain), len(objects))
             return [round(float(v), 4) for v in p.mean((0, 2))]
 

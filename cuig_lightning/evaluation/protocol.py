@@ -44,6 +44,11 @@ class CanvasClassifiers:
         x = images * 2 - 1
         return predict(self.style, x), predict(self.object, x)
 
+    @torch.no_grad()
+    def style_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """The style classifier's softmax over :attr:`styles`, one row per image."""
+        return torch.softmax(self.style(images * 2 - 1), dim=-1)
+
 
 class Evaluation:
     """UA / RA-I / RA-C after each request, on the grid "A {object} image in {style} style." × seeds.
@@ -145,9 +150,9 @@ class Evaluation:
     def unlearn_accuracy(self, model: DiffusionModel, erased: list[str], domain: str) -> float:
         """UA alone (percent): only the erased concepts' part of the grid is sampled (the stop rule's check)."""
         clf = self.classifiers
-        pairs = [p for p in self.grid(erased, domain) if (p[0] if domain == "style" else p[1]) in erased]
-        pred_style, pred_object = clf.predict(self.generate(model, pairs))
-        vocab, pred, side = (clf.styles, pred_style, 0) if domain == "style" else (clf.objects, pred_object, 1)
+        side, vocab = (0, clf.styles) if domain == "style" else (1, clf.objects)  # a pair is (style, object)
+        pairs = [p for p in self.grid(erased, domain) if p[side] in erased]
+        pred = clf.predict(self.generate(model, pairs))[side]
         prompted = torch.tensor([vocab.index(p[side]) for p in pairs] * len(self.seeds))
         return unlearn_accuracy(prompted, pred, [vocab.index(c) for c in erased], len(vocab))
 
