@@ -1,5 +1,7 @@
 # cuig on GPU clusters: CUDA PyTorch base, the package, offline by default.
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# The base's torch must meet the dependencies' floor (transformers 5 and diffusers need torch >= 2.6;
+# tests/unit/test_packaging.py reads this tag and fails when it is lower).
+FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
 
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \

@@ -96,6 +96,9 @@ class ContinualTrainer(L.Trainer):
         if datamodule is None:
             raise ValueError("the continual trainer needs the data module (the `data:` section)")
         validate_requests(self.requests, datamodule.vocabulary)
+        if self.evaluation is not None:  # the classifiers load and know every concept before anything is sampled
+            self.evaluation.check_vocabulary({d: [r.target for r in self.requests if r.domain == d]
+                                              for d in ("style", "object")})
         config = self.job_config or {"trainer": {"requests": [vars(r) for r in self.requests]}}
         run = RunFolder(self.run_dir, config)
         # One process per run folder (rank 0 holds the lock; the other DDP ranks follow it).

@@ -50,8 +50,15 @@ class CuigTrainer(ContinualTrainer):
             request: 1-based request number; -1 the last finished one; 0 the base model (style and
                 object accuracy over the full grid).
         """
-        result = evaluate_request(model, self.run_dir, self.job_config or {}, self.evaluation or Evaluation(),
-                                  request)
+        evaluation = self.evaluation
+        if evaluation is None:
+            model_path = ((self.job_config or {}).get("model") or {}).get("model_path")
+            if model_path != "canvas-mini":  # Canvas-mini's classifiers would score another model's images silently
+                raise ValueError(f"trainer.evaluation is null for model {model_path}: give the evaluation section "
+                                 "(classifier_kind, classifier files, retain sets)")
+            evaluation = Evaluation()
+        model.to(self.strategy.root_device)  # sample where training ran (a GPU when there is one)
+        result = evaluate_request(model, self.run_dir, self.job_config or {}, evaluation, request)
         print(json.dumps(result, indent=2))
 
 

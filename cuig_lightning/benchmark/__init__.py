@@ -36,7 +36,8 @@ def run_benchmark(base: list[str], methods: dict[str, str], rows: list[str], see
     """
     runs, tuned = plan(base, methods, rows, seeds, Path(output), tuning)
     failed = [] if report_only else execute(runs, fit, jobs)
-    path = write_benchmark_report([r for r in runs if r.key[0] != "tuning"], Path(report), base[0])
+    path = write_benchmark_report([r for r in runs if r.key[0] != "tuning"], Path(report), base[0],
+                                  tuning.min_ua if tuning else None)
     if tuning:
         write_tuning_report(tuned, tuning, Path(report))
     if failed:

@@ -26,7 +26,7 @@ class Tuning:
         grid: row -> callback class name -> init argument -> values; every combination is a candidate.
         combine: row -> tuned rows whose chosen values it uses (e.g. merge_gradproj: [merge, gradproj]).
         seed: the seed of the tuning runs.
-        min_ua: the selection rule's UA floor (see :func:`choose`).
+        min_ua: the selection rule's UA floor, held after every validation request (see :func:`choose`).
     """
 
     validation: str
@@ -79,9 +79,6 @@ class Run:
         return ["fit", *itertools.chain.from_iterable(("--config", c) for c in self.all_configs()),
                 f"--trainer.run_dir={self.run_dir}", f"--seed_everything={self.seed}", f"--data.seed={self.seed}"]
 
-    def final_metrics(self) -> dict:
-        return load_rows(self.run_dir)[-1]
-
 
 def load_rows(run_dir: Path) -> list[dict]:
     """A run's per-request metrics, each with ``erased``: the concepts erased so far (a simultaneous
@@ -124,13 +121,19 @@ def apply_updates(overlay: dict, updates: dict[str, dict]) -> dict:
     return overlay
 
 
-def choose(results: list[tuple[dict, dict]], min_ua: float) -> dict:
-    """The selection rule: among candidates whose validation UA >= ``min_ua``, the highest mean of RA-I
-    and RA-C; if none erases that well, the highest UA. ``results``: (updates, final metrics) pairs."""
-    erasing = [r for r in results if r[1]["UA"] >= min_ua]
+def choose(results: list[tuple[dict, list[dict]]], min_ua: float) -> dict:
+    """The selection rule (matched forgetting): among candidates whose validation UA is >= ``min_ua`` after
+    *every* request, the highest mean of RA-I and RA-C after the last one; if none erases that well, the one
+    with the highest worst UA. ``results``: (updates, per-request metrics rows) pairs."""
+    erasing = [r for r in results if worst_ua(r[1]) >= min_ua]
     if erasing:
-        return max(erasing, key=lambda r: (r[1]["RA_I"] + r[1]["RA_C"]) / 2)[0]
-    return max(results, key=lambda r: r[1]["UA"])[0]
+        return max(erasing, key=lambda r: (r[1][-1]["RA_I"] + r[1][-1]["RA_C"]) / 2)[0]
+    return max(results, key=lambda r: worst_ua(r[1]))[0]
+
+
+def worst_ua(rows: list[dict]) -> float:
+    """The lowest UA over a run's requests (the matched-forgetting rule holds a run to every request)."""
+    return min(row["UA"] for row in rows)
 
 
 def _write_yaml(data: dict, path: Path) -> Path:
@@ -163,7 +166,7 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
 
     def chosen(method: str, row: str) -> dict:
         if (method, row) not in choices:
-            options = [(u, r.final_metrics()) for u, r in tuning_runs[(method, row)]]
+            options = [(u, load_rows(r.run_dir)) for u, r in tuning_runs[(method, row)]]
             choices[(method, row)] = choose(options, tuning.min_ua)
         return choices[(method, row)]
 

@@ -3,21 +3,36 @@
 Knows the prompts, seeds, sampler settings and classifiers; knows nothing of training. The continual
 trainer calls :meth:`Evaluation.evaluate` after every request; ``cuig evaluate`` calls it for any saved
 request or for the base model (``request 0``: plain style/object accuracy over the full grid).
+Two kinds of classifiers judge the images: Canvas-mini's (:class:`CanvasClassifiers`) and UnlearnCanvas' ViTs
+for Stable Diffusion (:class:`cuig_lightning.evaluation.unlearncanvas.UnlearnCanvasClassifiers`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from cuig_lightning.evaluation.metrics import unlearn_accuracy, unlearncanvas_metrics
-from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.evaluation.unlearncanvas import UnlearnCanvasClassifiers
+from cuig_lightning.models.diffusion import DiffusionModel, ddim_cfg, ddim_scheduler
 from cuig_lightning.progress import progress
 from cuig_lightning.requests import NEUTRAL_STYLE, caption
 
 UNLEARNCANVAS_SEEDS = [188, 288, 588, 688, 888]
+
+ClassifierKind = Literal["canvas-mini", "unlearncanvas"]
+#: Each classifier kind's sampling protocol: what ``seeds`` / ``steps`` / ``guidance`` left unset mean.
+#: Canvas-mini: 2 seeds, DDIM 20, guidance 1.5 (its base model is most accurate there); UnlearnCanvas on
+#: SD-1.5: its 5 seeds, DDIM 100, guidance 9 (docs/method.md, as UnlearnCanvas' sampling scripts).
+PROTOCOLS: dict[str, dict] = {
+    "canvas-mini": {"seeds": UNLEARNCANVAS_SEEDS[:2], "steps": 20, "guidance": 1.5},
+    "unlearncanvas": {"seeds": UNLEARNCANVAS_SEEDS, "steps": 100, "guidance": 9.0},
+}
+#: Images the VAE decodes at once: SD's 512x512 decoder activations are large, and sampling batches may not be.
+DECODE_BATCH = 8
 
 
 def drift(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -49,19 +64,41 @@ class CanvasClassifiers:
         """The style classifier's softmax over :attr:`styles`, one row per image."""
         return torch.softmax(self.style(images * 2 - 1), dim=-1)
 
+    def to(self, device: torch.device | str) -> "CanvasClassifiers":
+        """Stay on the CPU, wherever the model is: Canvas-mini's reported numbers were classified there."""
+        return self
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] as the classifiers read them: Canvas-mini's 32x32 samples, unchanged."""
+        return images
+
 
 class Evaluation:
     """UA / RA-I / RA-C after each request, on the grid "A {object} image in {style} style." × seeds.
 
+    The classifiers are Canvas-mini's (``classifier_kind: canvas-mini``, the default: ``classifiers`` names
+    them) or UnlearnCanvas' ViT-L pair for SD-1.5 (``classifier_kind: unlearncanvas``: ``style_classifier``
+    and ``object_classifier`` name the two files). Every concept evaluated (retain sets, erased targets) must
+    be one of the classifiers' classes: :meth:`check_vocabulary` says which are not before anything is sampled.
+
     Args:
-        classifiers: folder of the style/object classifiers (``canvas-mini``: the shipped Canvas-mini ones).
+        classifiers: folder of the Canvas-mini style/object classifiers (``canvas-mini``: the shipped ones);
+            only with classifier_kind canvas-mini.
+        classifier_kind: ``canvas-mini`` or ``unlearncanvas`` (UnlearnCanvas' 51-style / 20-object ViTs). It
+            also sets what unset seeds, steps and guidance mean (:data:`PROTOCOLS`).
+        style_classifier: UnlearnCanvas' style classifier checkpoint (``style50.pth``, weights under
+            ``model_state_dict``; or ``.safetensors``); required with classifier_kind unlearncanvas.
+        object_classifier: UnlearnCanvas' object classifier checkpoint (``style50_cls.pth`` or
+            ``.safetensors``); required with classifier_kind unlearncanvas.
         retain_styles: the retained styles (RA-I of style requests, RA-C of object requests); required.
         retain_objects: the retained objects (RA-C of style requests, RA-I of object requests); required.
-        seeds: one image per prompt and seed (UnlearnCanvas uses 188, 288, 588, 688, 888).
-        steps: DDIM steps of the evaluation sampler.
-        guidance: classifier-free guidance of the evaluation sampler (1.5, as the configs: the base
-            Canvas-mini model is most accurate there).
-        batch_size: prompts sampled at once.
+        seeds: one image per prompt and seed (unset: canvas-mini 188, 288; unlearncanvas 188, 288, 588,
+            688, 888).
+        steps: DDIM steps of the evaluation sampler (unset: canvas-mini 20, unlearncanvas 100).
+        guidance: classifier-free guidance of the evaluation sampler (unset: canvas-mini 1.5, where the
+            base Canvas-mini model is most accurate; unlearncanvas 9).
+        batch_size: images sampled at once (one seed per batch with canvas-mini, (seed, prompt) images across
+            seeds with unlearncanvas), and images classified at once by UnlearnCanvas' classifiers.
         save_samples: write a PNG grid of the first seed's images into each request folder.
         bf16: sample under bfloat16 autocast (about 2.5x faster on CPUs with bf16 support).
     """
@@ -69,59 +106,121 @@ class Evaluation:
     def __init__(
         self,
         classifiers: str = "canvas-mini",
+        classifier_kind: ClassifierKind = "canvas-mini",
+        style_classifier: str | None = None,
+        object_classifier: str | None = None,
         retain_styles: list[str] | None = None,
         retain_objects: list[str] | None = None,
         seeds: list[int] | None = None,
-        steps: int = 20,
-        guidance: float = 1.5,
+        steps: int | None = None,
+        guidance: float | None = None,
         batch_size: int = 96,
         save_samples: bool = True,
         bf16: bool = True,
     ):
-        self.classifiers_spec = classifiers
-        self.retain = {"style": list(retain_styles or []), "object": list(retain_objects or [])}
+        if classifier_kind not in PROTOCOLS:
+            raise ValueError(f"trainer.evaluation.classifier_kind must be one of {', '.join(PROTOCOLS)}, "
+                             f"got {classifier_kind!r}")
+        if classifier_kind == "unlearncanvas" and (style_classifier is None or object_classifier is None):
+            raise ValueError("trainer.evaluation.classifier_kind unlearncanvas needs style_classifier and "
+                             "object_classifier (UnlearnCanvas' classifier checkpoints)")
+        if classifier_kind == "unlearncanvas" and classifiers != "canvas-mini":
+            raise ValueError("trainer.evaluation.classifiers names Canvas-mini classifiers; with classifier_kind "
+                             "unlearncanvas set style_classifier and object_classifier instead")
+        if classifier_kind == "canvas-mini" and (style_classifier is not None or object_classifier is not None):
+            raise ValueError("trainer.evaluation.style_classifier and object_classifier are UnlearnCanvas "
+                             "checkpoints: set classifier_kind: unlearncanvas (or leave them unset)")
+        protocol = PROTOCOLS[classifier_kind]
+        steps = protocol["steps"] if steps is None else steps
         if seeds is not None and not seeds:
             raise ValueError("trainer.evaluation.seeds is empty: give at least one seed (or evaluation: null)")
         if steps < 1 or batch_size < 1:
             raise ValueError(f"trainer.evaluation.steps and batch_size must be >= 1, got {steps} and {batch_size}")
-        self.seeds = list(seeds if seeds is not None else UNLEARNCANVAS_SEEDS[:2])
-        self.steps, self.guidance, self.batch_size = steps, guidance, batch_size
+        self.classifiers_spec = classifiers
+        self.classifier_kind = classifier_kind
+        self.classifier_files = {"style": style_classifier, "object": object_classifier}
+        self.retain = {"style": list(retain_styles or []), "object": list(retain_objects or [])}
+        self.seeds = list(seeds if seeds is not None else protocol["seeds"])
+        self.steps, self.batch_size = steps, batch_size
+        self.guidance = protocol["guidance"] if guidance is None else guidance
         self.save_samples = save_samples
         self.bf16 = bf16
-        self._classifiers: CanvasClassifiers | None = None
+        self._classifiers: CanvasClassifiers | UnlearnCanvasClassifiers | None = None
 
     @property
-    def classifiers(self) -> CanvasClassifiers:
+    def classifiers(self) -> CanvasClassifiers | UnlearnCanvasClassifiers:
+        """The style and object classifiers, loaded on first use (a missing or unfit file is an error here)."""
         if self._classifiers is None:
-            self._classifiers = CanvasClassifiers(None if self.classifiers_spec == "canvas-mini" else self.classifiers_spec)
+            if self.classifier_kind == "unlearncanvas":
+                files = self.classifier_files
+                self._classifiers = UnlearnCanvasClassifiers(files["style"], files["object"], self.batch_size)
+            else:
+                spec = self.classifiers_spec
+                self._classifiers = CanvasClassifiers(None if spec == "canvas-mini" else spec)
         return self._classifiers
+
+    def classifiers_for(self, model: DiffusionModel) -> CanvasClassifiers | UnlearnCanvasClassifiers:
+        """The classifiers, on the model's device where they follow it (UnlearnCanvas' ViTs do)."""
+        return self.classifiers.to(next(model.unet.parameters()).device)
+
+    def check_vocabulary(self, concepts: dict[str, list[str]] | None = None) -> None:
+        """Raise ValueError unless the classifiers have a class for every retain concept and every concept
+        in ``concepts`` (``{"style": [...], "object": [...]}``, e.g. a job's targets): never a silent miss."""
+        clf = self.classifiers
+        for domain, classes in (("style", clf.styles), ("object", clf.objects)):
+            wanted = self.retain[domain] + list((concepts or {}).get(domain, []))
+            unknown = list(dict.fromkeys(c for c in wanted if c not in classes))
+            if unknown:
+                raise ValueError(f"the {self.classifier_kind} {domain} classifier has no class for "
+                                 f"{', '.join(unknown)}; retained and erased concepts must be among its "
+                                 f"{len(classes)} classes")
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, model: DiffusionModel, pairs: list[tuple[str, str]]) -> torch.Tensor:
-        """Images in [0, 1], ordered seed-major then pair, one per (seed, pair)."""
+        """Images in [0, 1] as the classifiers read them (:meth:`CanvasClassifiers.prepare`: SD's 512x512
+        images are shrunk batch by batch, so a 5-seed grid fits in memory), seed-major then pair, one per
+        (seed, pair).
+
+        Each image's starting noise is drawn as it always was: one generator per seed, drawn from in chunks
+        of ``batch_size`` prompts in order. UnlearnCanvas' grid is then sampled ``batch_size`` (seed, prompt)
+        images at a time across seeds; Canvas-mini keeps one seed per batch, the batches its reported numbers
+        were sampled in (a batch's size can change float rounding).
+        """
         device = next(model.unet.parameters()).device
+        clf = self.classifiers
         was_training = model.unet.training
         model.unet.eval()
         cond_all = model.encode_text([caption(s, o) for s, o in pairs]).to(device)
         uncond = model.encode_text([""]).to(device)
+        noise = torch.cat([self._seed_noise(seed, len(pairs), model.latent_shape) for seed in self.seeds])
+        pair_index = torch.arange(len(pairs)).repeat(len(self.seeds))  # job j: seed j // len(pairs), pair_index[j]
+        jobs = torch.arange(len(noise))
+        groups = jobs.split(len(pairs)) if self.classifier_kind == "canvas-mini" else [jobs]
+        batches = [batch for group in groups for batch in group.split(self.batch_size)]
         images = []
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            chunks = list(enumerate(cond_all.split(self.batch_size)))
-            jobs = [(seed, i, chunk) for seed in self.seeds for i, chunk in chunks]
-            for seed, i, chunk in progress(jobs, f"evaluation ({len(pairs)} prompts x {len(self.seeds)} seeds)"):
-                if i == 0:  # one generator per seed, drawn from by its chunks in order
-                    g = torch.Generator().manual_seed(seed)
-                latents = model.sample(chunk, uncond, g, steps=self.steps, guidance=self.guidance)
-                images.append(model.decode(latents.float()).float().cpu())
+            for batch in progress(batches, f"evaluation ({len(pairs)} prompts x {len(self.seeds)} seeds)"):
+                scheduler = ddim_scheduler(model.scheduler, self.steps)
+                cond = cond_all[pair_index[batch].to(device)]
+                latents = ddim_cfg(model.unet, scheduler, noise[batch].to(device), cond, uncond, self.guidance)[0]
+                for part in latents.split(DECODE_BATCH):
+                    images.append(clf.prepare(model.decode(part.float()).float()).cpu())
         model.unet.train(was_training)
         return torch.cat(images)
+
+    def _seed_noise(self, seed: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """The starting noise of ``n`` prompts under one seed: one generator, drawn in chunks of ``batch_size``."""
+        g = torch.Generator().manual_seed(seed)
+        sizes = [min(self.batch_size, n - start) for start in range(0, n, self.batch_size)]
+        return torch.cat([torch.randn((size, *shape), generator=g, dtype=torch.float32) for size in sizes])
 
     def grid(self, erased: list[str], domain: str) -> list[tuple[str, str]]:
         """(style, object) pairs: erased + retain concepts of the domain × the other domain's retain set."""
         missing = [d for d in ("style", "object") if not self.retain[d]]
         if missing:
             raise ValueError(f"evaluation needs retain sets: set trainer.evaluation.retain_{missing[0]}s")
+        self.check_vocabulary({domain: erased})
         if domain == "style":
             return [(s, o) for s in erased + self.retain["style"] for o in self.retain["object"]]
         return [(s, o) for s in self.retain["style"] for o in erased + self.retain["object"]]
@@ -129,7 +228,7 @@ class Evaluation:
     # ------------------------------------------------------------------ metrics
     def evaluate(self, model: DiffusionModel, erased: list[str], domain: str, sample_path: Path | None = None) -> dict:
         """UA / RA-I / RA-C (percent) of the model with ``erased`` concepts (all of one domain)."""
-        clf = self.classifiers
+        clf = self.classifiers_for(model)
         pairs = self.grid(erased, domain)
         images = self.generate(model, pairs)
         pred_style, pred_object = clf.predict(images)
@@ -149,7 +248,7 @@ class Evaluation:
 
     def unlearn_accuracy(self, model: DiffusionModel, erased: list[str], domain: str) -> float:
         """UA alone (percent): only the erased concepts' part of the grid is sampled (the stop rule's check)."""
-        clf = self.classifiers
+        clf = self.classifiers_for(model)
         side, vocab = (0, clf.styles) if domain == "style" else (1, clf.objects)  # a pair is (style, object)
         pairs = [p for p in self.grid(erased, domain) if p[side] in erased]
         pred = clf.predict(self.generate(model, pairs))[side]
@@ -162,7 +261,7 @@ class Evaluation:
         A style class without a style (Canvas-mini's neutral look) is prompted without one and counts
         apart, as ``neutral_accuracy``.
         """
-        clf = self.classifiers
+        clf = self.classifiers_for(model)
         pairs = [(s, o) for s in clf.styles for o in clf.objects]
         images = self.generate(model, pairs)
         pred_style, pred_object = clf.predict(images)

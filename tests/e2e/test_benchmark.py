@@ -26,11 +26,15 @@ def test_pearson_matches_hand_computation():
 def test_selection_rule_and_grid():
     grid = {"ModelMerge": {"density": [0.2, 0.5], "lam": [1.0, 2.0]}}
     assert candidates(grid) == [{"ModelMerge": {"density": d, "lam": lam}} for d in (0.2, 0.5) for lam in (1.0, 2.0)]
-    a, b, c = ({"X": {"w": i}} for i in range(3))
-    results = [(a, {"UA": 95, "RA_I": 10, "RA_C": 50}), (b, {"UA": 85, "RA_I": 60, "RA_C": 80}),
-               (c, {"UA": 40, "RA_I": 99, "RA_C": 99})]
-    assert choose(results, min_ua=80) == b  # c retains best but does not erase: excluded
-    assert choose(results, min_ua=99) == a  # nobody reaches the floor: the best eraser
+    a, b, c, d = ({"X": {"w": i}} for i in range(4))
+    def rows(*ua_ra):  # one metrics row per request
+        return [{"UA": ua, "RA_I": ra_i, "RA_C": ra_c} for ua, ra_i, ra_c in ua_ra]
+
+    results = [(a, rows((99, 50, 90), (95, 10, 50))), (b, rows((90, 80, 90), (85, 60, 80))),
+               (c, rows((40, 99, 99), (40, 99, 99))), (d, rows((20, 99, 99), (95, 90, 90)))]
+    assert choose(results, min_ua=80) == b  # c retains best but does not erase; d misses the floor at request 1
+    assert choose(results, min_ua=99) == a  # nobody reaches the floor everywhere: the best worst UA (95)
+    assert choose(results[:3], min_ua=86) == a  # b ends at 85: one request below the floor excludes it
     overlay = yaml.safe_load((CONFIGS / "canvas_mini_sculpmem" / "l2.yaml").read_text())
     tuned = apply_updates(overlay, {"NormRegularizer": {"weight": 7.0}})
     assert tuned["trainer"]["callbacks"][0]["init_args"] == {"p": 2, "weight": 7.0}
@@ -111,7 +115,9 @@ def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_d
     job = json.loads((output / "conabl" / "l2" / "seed0" / "job.json").read_text())
     callbacks = job["config"]["trainer"]["callbacks"]
     assert callbacks[0]["init_args"]["weight"] == expected  # the reported run used the choice
-    assert "yes" in (report / "tuning.md").read_text()
+    assert "yes" in (report / "tuning.md").read_text() and "worst UA" in (report / "tuning.md").read_text()
+    table = (report / "main_table.md").read_text()  # min_ua 0: every finished row meets matched forgetting
+    assert "UA ≥ 0 throughout" in table and "| yes |" in table
 
     stamps = {p: p.stat().st_mtime_ns for p in output.rglob("metrics.json")}
     run_benchmark(**kwargs)  # everything finished: nothing is recomputed

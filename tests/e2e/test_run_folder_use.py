@@ -48,6 +48,9 @@ def test_evaluate_from_the_run_folder_alone(finished_run, capsys):
                    "--trainer.evaluation.seeds", "[188, 288]") == 0
     result = json.loads(capsys.readouterr().out)
     assert result["request"] == 1 and result["erased"] == ["Abstractionism"] and 0 <= result["UA"] <= 100
+    # no evaluation section for a model that is not Canvas-mini: an error, not Canvas-mini's classifiers
+    assert run_cli("evaluate", "--run_dir", str(run), "--request", "0", "--trainer.evaluation", "null") == 2
+    assert "trainer.evaluation is null for model" in capsys.readouterr().err.splitlines()[-1]
     # evaluation, devices and progress settings are not part of the run identity: fit resumes (skips all)
     before = (run / "requests" / "02-Byzantine" / "manifest.json").read_bytes()
     assert run_cli("fit", "--config", str(finished_run / "job.yaml"), "--trainer.evaluation.seeds", "[7]",

@@ -12,6 +12,9 @@ ROWS = sorted((CONFIGS / "canvas_mini").glob("*.yaml"))
 METHOD_MD_STYLES = ("Abstractionism Byzantine Cartoon Cold_Warm Ukiyoe Van_Gogh Neon_Lines Picasso On_Fire "
                     "Magic_Cube Winter Vibrant_Flow").split()
 METHOD_MD_OBJECTS = "Bears Birds Cats Dogs Fishes Frogs Jellyfish Rabbits Sandwiches Statues Towers Waterfalls".split()
+METHOD_MD_RETAIN_STYLES = ("Blossom_Season Rust Crayon Fauvism Superstring Red_Blue_Ink Gorgeous_Love French Joy "
+                           "Greenfield Expressionism Impressionism").split()
+METHOD_MD_RETAIN_OBJECTS = "Architectures Butterfly Flame Flowers Horses Human Sea Trees".split()
 
 
 def test_main_table_rows_exist():
@@ -37,6 +40,12 @@ def test_unlearncanvas_configs_name_the_paper_sequences(capsys, domain, targets)
     assert [r["target"] for r in requests] == targets
     assert {r["domain"] for r in requests} == {domain}
     assert Path(cfg["model"]["model_path"]).is_absolute()  # a local folder, never a hub id
+    evaluation = cfg["trainer"]["evaluation"]["init_args"]  # UnlearnCanvas' classifiers on the paper's retain sets
+    assert evaluation["classifier_kind"] == "unlearncanvas"
+    assert all(Path(evaluation[f"{d}_classifier"]).is_absolute() for d in ("style", "object"))
+    assert evaluation["retain_styles"] == METHOD_MD_RETAIN_STYLES
+    assert evaluation["retain_objects"] == METHOD_MD_RETAIN_OBJECTS
+    assert (evaluation["seeds"], evaluation["steps"], evaluation["guidance"]) == (None, None, None)  # its protocol
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda p: p.stem)
