@@ -1,7 +1,7 @@
 """The ``cuig`` commands that are not Trainer stages, as typed functions (their docstrings are the help):
-``benchmark``, ``pretrain``, ``evaluate-base``, ``train-classifier`` and ``instrument``. Thin wrappers: the work is done by
-:mod:`cuig_lightning.benchmark` and the :mod:`cuig_lightning.canvas_mini` package (``pretrain`` and
-``instrument`` are its functions as they are).
+``benchmark``, ``pretrain``, ``evaluate-base``, ``train-classifier``, ``instrument`` and ``speed``. Thin wrappers: the
+work is done by :mod:`cuig_lightning.benchmark`, the :mod:`cuig_lightning.canvas_mini` package (``pretrain`` and
+``instrument`` are its functions as they are) and :mod:`cuig_lightning.speed` (``speed`` as it is).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from cuig_lightning.canvas_mini import classifiers
 from cuig_lightning.canvas_mini import pretrain as canvas_pretrain
 from cuig_lightning.canvas_mini.instrument import instrument
 from cuig_lightning.lightning_cli import CuigCLI
+from cuig_lightning.speed import speed
 
 
 def benchmark(
@@ -86,4 +87,4 @@ def train_classifier(kind: Literal["style", "object", "both"] = "both", steps: i
 
 
 COMMANDS = {"benchmark": benchmark, "pretrain": canvas_pretrain.pretrain, "evaluate-base": evaluate_base,
-            "train-classifier": train_classifier, "instrument": instrument}
+            "train-classifier": train_classifier, "instrument": instrument, "speed": speed}
