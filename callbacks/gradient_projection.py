@@ -1,7 +1,44 @@
-"""GradProj: keep the cross-attention key/value maps of nearby concepts fixed while unlearning a target."""
+"""GradProj: keep the cross-attention keys and values of protected text fixed while unlearning a target.
+
+C (d × n) holds the protected text vectors. Every attn2.to_k / attn2.to_v weight gradient G becomes G P
+with P = I − C (CᵀC + rI)⁻¹ Cᵀ, so an SGD update ΔW satisfies ΔW c ≈ 0 for every column c: W·c (the key or
+value of that text) barely moves. ``source`` decides what C holds:
+
+* ``names`` (the default, and the paper's text): the K concept names of the request's domain most
+  cosine-similar to the target (``mode: topk``) or all of them (``mode: all``), each embedded as the states
+  of its own tokens inside a prompt, averaged (``pl_module.concept_embeddings``).
+* ``captions`` (the paper's code, used for its style table): one vector per caption of a fixed set of
+  generic captions (``pl_module.caption_embeddings``: the state of the caption's last content token as the
+  UNet sees it). The default set is :func:`cuig_lightning.data.captions.generic_captions` over the
+  vocabulary's objects (~200 style-less captions on Canvas-mini); ``captions`` gives a list or a text file
+  (SD-1.5). Captions naming a current target are dropped; an object request adds a caption for every
+  object erased before. C gets one column per caption.
+
+Either way near-duplicate columns (cosine > ``dedup``) are dropped, and C must not span the text width:
+with rank(C) = d, P ≈ 0 would freeze to_k / to_v, so that raises. The column count and rank are printed
+and recorded (``gradient_projection.json``).
+
+What the paper's code does (github.com/justinhylee135/CUIG, read for this; no code copied):
+``Regularizers/Projection/src/auxiliary_embeddings.py`` (earlier ``ContinualEnhancements/Projection/
+gradient_projection.py``) makes one column per prompt: the prompt is padded to 77 tokens and encoded without
+an attention mask (CLIP's own causal mask, the states the UNet sees); after a prefix "an image in the style
+of" / "an image of a" / "an image of" the column is the mean of the following tokens' states, otherwise the
+state of the last token before EOS. EOS and padding states never enter C. Near-duplicates are removed
+greedily in prompt order (a column is kept when its cosine with every kept one is < 0.95). Which prompts
+(``UnlearningMethods/ConAbl/src/utils.py``, ``setup_regularizers``): for styles the request's ConAbl anchor
+prompts, ``anchor_prompts/style/Laion.txt`` (200 LAION painting captions, none with those prefixes, so
+each column is its last token's state); for objects (``--auxiliary_prompts_path`` in
+``BashScripts/Sequential/Object/Projection``) 200 LLM-written prompts (``Regularizers/Projection/src/
+prompt_generation.py``: half "An image in the style of {style}", half "An image of a {object}", current
+targets excluded) plus "An image of a {object}" for every object erased before. Its projector has the same
+ridge (pseudo-inverse when ill-conditioned) and no rank check. Here every caption takes the last-token rule
+(the prefix rule serves its template prompts), and the default object set is style-less.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -10,12 +47,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from callbacks.base import Regularizer
+from cuig_lightning.data.captions import generic_captions, names_concept, read_captions
+from cuig_lightning.requests import caption
 
 GRADIENT_PROJECTION_JSON = "gradient_projection.json"
 
 
+def ridge(gram: Tensor) -> float:
+    """The projector's ridge r = max(1e-4, 1e-6 · tr(CᵀC)/n) from the Gram matrix CᵀC (n × n, n ≥ 1)."""
+    return max(1e-4, 1e-6 * gram.trace().item() / gram.shape[0])
+
+
 def projector(C: Tensor) -> Tensor:
-    """P = I − C (CᵀC + rI)⁻¹ Cᵀ for C of shape (d, n), r = max(1e-4, 1e-6 · tr(CᵀC)/n).
+    """P = I − C (CᵀC + rI)⁻¹ Cᵀ for C of shape (d, n), r = :func:`ridge`.
 
     P removes the span of C's columns (up to the ridge r, which keeps near-parallel concept
     embeddings from blowing up the inverse): P C = r C (CᵀC + rI)⁻¹. Computed in float64, returned in
@@ -26,9 +70,41 @@ def projector(C: Tensor) -> Tensor:
         return torch.eye(d, dtype=C.dtype, device=C.device)
     c = C.to(torch.float64)
     gram = c.T @ c
-    r = max(1e-4, 1e-6 * gram.trace().item() / n)
+    r = ridge(gram)
     inner = torch.linalg.solve(gram + r * torch.eye(n, dtype=c.dtype, device=c.device), c.T)
     return (torch.eye(d, dtype=c.dtype, device=c.device) - c @ inner).to(C.dtype)
+
+
+def projection_rank(C: Tensor) -> int:
+    """The numerical rank of C at the projector's ridge: how many singular values σ of C have σ² > r. P scales
+    the direction of a singular value σ by r / (σ² + r), so these are the directions P removes (by more than
+    half); rank d means P ≈ 0."""
+    if C.shape[1] == 0:
+        return 0
+    c = C.to(torch.float64)
+    return int((torch.linalg.svdvals(c) ** 2 > ridge(c.T @ c)).sum())
+
+
+def check_rank(C: Tensor, width: int) -> int:
+    """:func:`projection_rank` of C, or a ValueError when it reaches the text ``width``: P ≈ 0 would freeze
+    every attn2.to_k/to_v weight."""
+    rank = projection_rank(C)
+    if rank >= width:
+        raise ValueError(f"GradProj: C ({C.shape[1]} columns) has rank {rank}, the whole text width {width}: "
+                         "P ≈ 0 would freeze every attn2.to_k/to_v weight. Protect fewer or less varied texts "
+                         "(fewer captions, a lower dedup) or use source: names")
+    return rank
+
+
+def dedup_indices(vectors: Tensor, threshold: float = 0.95) -> list[int]:
+    """Greedy near-duplicate removal in the given order: row i of ``vectors`` (n, d) is kept unless its cosine
+    with an already kept row exceeds ``threshold``. Returns the kept rows' indices."""
+    unit = F.normalize(vectors.double(), dim=-1)
+    kept: list[int] = []
+    for i in range(unit.shape[0]):
+        if not kept or float((unit[kept] @ unit[i]).max()) <= threshold:
+            kept.append(i)
+    return kept
 
 
 def select_neighbours(
@@ -49,16 +125,10 @@ def select_neighbours(
     if not names:
         return []
     targets = F.normalize(target_emb.reshape(-1, target_emb.shape[-1]).double(), dim=-1)
-    pool = F.normalize(pool_emb.double(), dim=-1)
-    similarity = (pool @ targets.T).max(dim=1).values
+    similarity = (F.normalize(pool_emb.double(), dim=-1) @ targets.T).max(dim=1).values
     order = torch.sort(similarity, descending=True, stable=True).indices.tolist()
-    kept: list[int] = []
-    for i in order:
-        if mode == "topk" and len(kept) >= k:
-            break
-        if all(float(pool[i] @ pool[j]) <= dedup for j in kept):
-            kept.append(i)
-    return [names[i] for i in kept]
+    kept = [order[j] for j in dedup_indices(pool_emb[order], dedup)]
+    return [names[i] for i in (kept[:k] if mode == "topk" else kept)]
 
 
 def is_projected(name: str) -> bool:
@@ -66,35 +136,81 @@ def is_projected(name: str) -> bool:
     return ("attn2.to_k" in name or "attn2.to_v" in name) and name.endswith("weight")
 
 
+def captions_digest(captions: list[str]) -> str:
+    """sha256 of a caption list (order included): what a resumed stage must match."""
+    return hashlib.sha256("\n".join(captions).encode()).hexdigest()
+
+
 class GradientProjection(Regularizer):
     """Projects every attn2.to_k / attn2.to_v weight gradient onto the orthogonal complement of the
-    protected concepts' text embeddings, so W·c (hence their keys and values) barely moves.
+    protected text vectors C, so W·c (hence their keys and values) barely moves (see the module docstring).
 
     Exact for plain SGD; optimizers that rescale the gradient elementwise (Adam, AdamW) break the
-    orthogonality. The neighbours are chosen once per stage, broadcast from rank 0 and checkpointed.
+    orthogonality. C is made once per stage, P broadcast from rank 0; the checkpoint keeps the chosen
+    neighbours (``names``) or the caption set's sha256 (``captions``: a resume with other captions is refused).
+
+    Args:
+        k: ``names``, ``mode: topk``: how many neighbours.
+        pool: ``names``: candidate concepts (default: the domain's vocabulary); the targets are removed, the
+            concepts erased before added.
+        mode: ``names``: ``topk`` or ``all`` (the whole deduplicated pool).
+        source: ``names`` (C from concept names) or ``captions`` (C from generic captions; the paper's code).
+        captions: ``captions``: the caption list, or a text file with one caption per line; default
+            :func:`cuig_lightning.data.captions.generic_captions` over the vocabulary's objects.
+        dedup: a column whose cosine with an already kept one exceeds this is dropped.
     """
 
-    def __init__(self, k: int = 5, pool: list[str] | None = None, mode: Literal["topk", "all"] = "topk") -> None:
+    def __init__(self, k: int = 5, pool: list[str] | None = None, mode: Literal["topk", "all"] = "topk",
+                 source: Literal["names", "captions"] = "names", captions: list[str] | str | None = None,
+                 dedup: float = 0.95) -> None:
         if mode not in ("topk", "all"):
             raise ValueError(f"unknown GradientProjection mode {mode!r}; use topk or all")
         if k < 1:
             raise ValueError(f"GradientProjection k must be >= 1, got {k}")
-        self.k = k
+        if source not in ("names", "captions"):
+            raise ValueError(f"unknown GradientProjection source {source!r}; use names or captions")
+        if not 0.0 < dedup <= 1.0:
+            raise ValueError(f"GradientProjection dedup must be in (0, 1], got {dedup}")
+        if source == "names" and captions is not None:
+            raise ValueError("GradientProjection captions need source: captions")
+        if source == "captions" and pool is not None:
+            raise ValueError("GradientProjection pool is a list of concept names, for source: names")
+        if isinstance(captions, str) and not Path(captions).expanduser().is_file():
+            raise ValueError(f"GradientProjection captions file {captions} not found")
+        if isinstance(captions, list) and (not captions or not all(isinstance(c, str) and c.strip() for c in captions)):
+            raise ValueError("GradientProjection captions must be a non-empty list of non-empty strings")
+        self.k, self.mode, self.source, self.dedup = k, mode, source, dedup
         self.pool = list(pool) if pool is not None else None
-        self.mode = mode
-        self.neighbours: list[str] | None = None
+        self.captions = list(captions) if isinstance(captions, list) else captions
+        self.neighbours: list[str] | None = None  # names: the protected concepts
+        self.captions_sha256: str | None = None  # captions: the caption set C was built from
         self._P: Tensor | None = None  # float64, CPU
         self._P_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._report: str | None = None  # the line printed once the stage's progress bar exists
 
     # -- state -------------------------------------------------------------------------------
     def reset(self) -> None:
-        self.neighbours, self._P, self._P_cache = None, None, {}
+        self.neighbours, self.captions_sha256, self._P, self._P_cache, self._report = None, None, None, {}, None
 
     def stage_state(self) -> dict[str, Any] | None:
+        if self.source == "captions":
+            return None if self.captions_sha256 is None else {"captions_sha256": self.captions_sha256}
         return None if self.neighbours is None else {"neighbours": list(self.neighbours)}
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
-        self.neighbours = list(state["neighbours"])
+        key = "captions_sha256" if self.source == "captions" else "neighbours"
+        if key not in state:
+            raise ValueError(f"GradientProjection(source={self.source}) cannot resume this checkpoint: it was "
+                             f"saved by another source (state keys {sorted(state)})")
+        if self.source == "captions":
+            self.captions_sha256 = state["captions_sha256"]
+        else:
+            self.neighbours = list(state["neighbours"])
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.source == "captions" and not callable(getattr(pl_module, "caption_embeddings", None)):
+            raise TypeError(f"GradientProjection(source=captions) needs {type(pl_module).__name__}."
+                            "caption_embeddings(captions) -> (n, d)")
 
     # -- hooks -------------------------------------------------------------------------------
     def candidate_pool(self, stage) -> list[str]:
@@ -106,23 +222,50 @@ class GradientProjection(Regularizer):
         targets = set(stage.targets)
         return list(dict.fromkeys(c for c in pool if c not in targets))
 
+    def caption_set(self, stage) -> list[str]:
+        """The captions C is made from (``source: captions``), in order: the given list or file, or
+        :func:`generic_captions` over the vocabulary's objects; those naming a current target dropped; for
+        an object stage, "A {object} image." added for every object erased before; repeats once."""
+        if self.captions is None:
+            objects = stage.vocabulary.get("object") or []
+            if not objects:
+                raise ValueError("GradientProjection(source=captions) writes its default captions from the "
+                                 "vocabulary's objects, and this vocabulary has none: give captions (list or file)")
+            captions = generic_captions(objects)
+        elif isinstance(self.captions, str):
+            captions = read_captions(self.captions)
+        else:
+            captions = list(self.captions)
+        captions = [c for c in captions if not any(names_concept(c, t) for t in stage.targets)]
+        if stage.domain == "object":
+            objects = set(stage.vocabulary.get("object") or [])
+            captions += [caption(None, o) for o in stage.erased_before if o in objects]
+        captions = list(dict.fromkeys(captions))
+        if not captions:
+            raise ValueError(f"GradientProjection: no caption left once those naming {stage.targets} are dropped")
+        return captions
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stage = pl_module.stage
         with torch.no_grad():
-            similarities = None
-            if not self.check_stage(pl_module, "neighbours were"):
-                chosen, similarities = self._choose(pl_module)
-                self.neighbours = trainer.strategy.broadcast(chosen, src=0)
-            C = self._embed(pl_module, self.neighbours).T if self.neighbours else None
+            if self.source == "captions":
+                C, record, protected = self._caption_matrix(pl_module)
+            else:
+                C, record, protected = self._names_matrix(trainer, pl_module)
         d = self._check_dims(pl_module, C)
+        rank = check_rank(C, d) if C is not None else 0
         P = projector(C) if C is not None else torch.eye(d, dtype=torch.float64)
         self._P = trainer.strategy.broadcast(P.cpu(), src=0)  # identical P on every rank
         self._P_cache = {}
-        pl_module.print(f"GradProj: protecting {len(self.neighbours)} concepts: {', '.join(self.neighbours) or '-'}")
-        record = {"mode": self.mode, "k": self.k, "targets": stage.targets, "neighbours": self.neighbours}
-        if similarities is not None:
-            record["similarity"] = similarities
+        columns = 0 if C is None else C.shape[1]
+        self._report = f"GradProj: protecting {protected}; C has {columns} columns, rank {rank} of width {d}"
+        record.update(columns=columns, rank=rank, width=d)
         self.record(trainer, pl_module, GRADIENT_PROJECTION_JSON, record)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        # Printed here, not in on_train_start: a progress bar drops what is printed before it has drawn its bar.
+        if self._report:
+            pl_module.print(self._report)
+            self._report = None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         for name, p in pl_module.trainable.items():
@@ -134,6 +277,37 @@ class GradientProjection(Regularizer):
         self._P_cache = {}
 
     # -- helpers -----------------------------------------------------------------------------
+    def _names_matrix(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[Tensor | None, dict, str]:
+        """C from the neighbours (chosen on rank 0, or restored), the record, and what it protects in words."""
+        similarities = None
+        if not self.check_stage(pl_module, "neighbours were"):
+            chosen, similarities = self._choose(pl_module)
+            self.neighbours = trainer.strategy.broadcast(chosen, src=0)
+        C = self._embed(pl_module, self.neighbours).T if self.neighbours else None
+        record = {"source": "names", "mode": self.mode, "k": self.k, "targets": pl_module.stage.targets,
+                  "neighbours": self.neighbours}
+        if similarities is not None:
+            record["similarity"] = similarities
+        return C, record, f"{len(self.neighbours)} concepts: {', '.join(self.neighbours) or '-'}"
+
+    def _caption_matrix(self, pl_module: pl.LightningModule) -> tuple[Tensor, dict, str]:
+        """C from the caption set (the same on every rank), the record, and what it protects in words."""
+        stage = pl_module.stage
+        captions = self.caption_set(stage)
+        digest = captions_digest(captions)
+        if self.check_stage(pl_module, "captions were") and digest != self.captions_sha256:
+            raise ValueError("GradientProjection: the checkpoint was made with another caption set "
+                             f"(sha256 {self.captions_sha256[:12]}, now {digest[:12]}); refusing to resume")
+        self.captions_sha256 = digest
+        vectors = pl_module.caption_embeddings(list(captions))
+        if vectors.ndim != 2 or vectors.shape[0] != len(captions):
+            raise ValueError(f"caption_embeddings must return ({len(captions)}, d), got {tuple(vectors.shape)}")
+        vectors = vectors.detach().to("cpu", torch.float64)
+        kept = dedup_indices(vectors, self.dedup)
+        record = {"source": "captions", "dedup": self.dedup, "targets": stage.targets, "captions": len(captions),
+                  "captions_sha256": digest, "kept": [captions[i] for i in kept]}
+        return vectors[kept].T, record, f"{len(kept)} of {len(captions)} captions (near-duplicates dropped)"
+
     def _choose(self, pl_module: pl.LightningModule) -> tuple[list[str], dict[str, float]]:
         stage = pl_module.stage
         pool = self.candidate_pool(stage)
@@ -141,7 +315,7 @@ class GradientProjection(Regularizer):
             return [], {}
         target_emb = self._embed(pl_module, stage.targets)
         pool_emb = self._embed(pl_module, pool)
-        chosen = select_neighbours(target_emb, pool_emb, pool, self.k, self.mode)
+        chosen = select_neighbours(target_emb, pool_emb, pool, self.k, self.mode, self.dedup)
         cos = F.normalize(pool_emb.double(), dim=-1) @ F.normalize(target_emb.double(), dim=-1).T
         best = dict(zip(pool, cos.max(dim=1).values.tolist()))
         return chosen, {c: round(best[c], 6) for c in chosen}

@@ -45,7 +45,8 @@ def benchmark(
     """
     base = [base] if isinstance(base, str) else list(base)
     methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
-    rows = rows or ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "merge_gradproj"]
+    rows = rows or ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "gradproj_topk",
+                    "merge_gradproj", "gradproj_selft"]
     try:
         run_benchmark(base, methods, rows, seeds or [0, 1, 2], output, report, tuning, jobs, report_only,
                       fit=lambda args: CuigCLI(args=args))

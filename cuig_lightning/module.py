@@ -102,6 +102,22 @@ class UnlearningModule(L.LightningModule):
     def concept_embeddings(self, names: list[str]) -> torch.Tensor:
         return self.diffusion.concept_embeddings(names, self.stage.domain if self.stage is not None else "style")
 
+    @torch.no_grad()
+    def caption_embeddings(self, captions: list[str], batch_size: int = 64) -> torch.Tensor:
+        """One vector per caption, ``(len(captions), d)`` (GradProj's ``source: captions``): the state of the
+        caption's last content token (the one before EOS / [SEP]) among the states the UNet sees
+        (:meth:`DiffusionModel.encode_text`). The text encoder is causal, so it is the first state that has
+        read the whole caption; the paper's code takes the same state for its generic captions."""
+        diffusion, out = self.diffusion, []
+        for i in range(0, len(captions), batch_size):
+            chunk = captions[i : i + batch_size]
+            states = diffusion.encode_text(chunk)
+            # token counts with BOS/CLS and EOS/SEP, truncated exactly as encode_text truncates
+            ids = diffusion.tokenizer(chunk, truncation=True, max_length=diffusion.max_length).input_ids
+            last = torch.tensor([len(x) - 2 for x in ids], device=states.device)
+            out.append(states[torch.arange(len(chunk), device=states.device), last])
+        return torch.cat(out)
+
     # ------------------------------------------------------------------ Lightning
     def configure_callbacks(self) -> list:
         """The callbacks the method trains under (SculpMem's dynamic mask), fresh for every stage."""

@@ -70,6 +70,12 @@ NON_IDENTITY_DATA_KEYS = ("cache_dir",)
 #: out of the identity at that value, so that upgrading cuig does not disown finished runs.
 LATER_OPTIONS = {("trainer", "until_ua"): None, ("trainer", "until_ua_every"): 20,
                  ("data", "style_templates"): DEFAULT_STYLE_TEMPLATES}
+#: The same for callbacks' init_args (the resolved config lists every one, defaults included): class_path ->
+#: {init arg: the value that trains as before it existed}.
+LATER_CALLBACK_OPTIONS = {
+    path: {"source": "names", "captions": None, "dedup": 0.95}
+    for path in ("callbacks.GradientProjection", "callbacks.gradient_projection.GradientProjection")
+}
 
 
 class RunFolderError(RuntimeError):
@@ -92,7 +98,18 @@ def run_identity(config: dict) -> dict:
     for (section, key), before in LATER_OPTIONS.items():
         if identity[section].get(key, before) == before:
             identity[section].pop(key, None)
+    if isinstance(identity["trainer"].get("callbacks"), list):
+        identity["trainer"]["callbacks"] = [_without_later_options(c) for c in identity["trainer"]["callbacks"]]
     return identity
+
+
+def _without_later_options(callback: Any) -> Any:
+    """A resolved callback entry without its :data:`LATER_CALLBACK_OPTIONS` at their old-behaviour values."""
+    later = LATER_CALLBACK_OPTIONS.get(callback.get("class_path")) if isinstance(callback, dict) else None
+    args = callback.get("init_args") if later else None
+    if not isinstance(args, dict):
+        return callback
+    return {**callback, "init_args": {k: v for k, v in args.items() if k not in later or later[k] != v}}
 
 
 def identity_hash(config: dict) -> str:

@@ -132,7 +132,8 @@ def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_pat
     runs, tuned = plan([str(root / config["base"])], methods, config["rows"], config["seeds"], tmp_path, tuning)
     tuning_runs = [r for r in runs if r.key[0] == "tuning"]
     per_method = sum(len(candidates(g)) for g in tuning.grid.values())
-    assert len(tuning_runs) == 2 * per_method and len(runs) - len(tuning_runs) == 2 * 8 * 3
+    assert len(tuning_runs) == 2 * per_method and len(runs) - len(tuning_runs) == 2 * len(config["rows"]) * 3
+    assert {"gradproj", "gradproj_topk", "merge_gradproj", "gradproj_selft"} <= set(config["rows"])
     assert len({run.configs[-2] for run in tuning_runs}) == len(tuning_runs)  # one overlay file per candidate
     for (method, row), pairs in tuned["runs"].items():
         for updates, run in pairs:  # each file really carries its candidate's values
