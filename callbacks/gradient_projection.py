@@ -7,6 +7,11 @@ value of that text) barely moves. ``source`` decides what C holds:
 * ``names`` (the default, and the paper's text): the K concept names of the request's domain most
   cosine-similar to the target (``mode: topk``) or all of them (``mode: all``), each embedded as the states
   of its own tokens inside a prompt, averaged (``pl_module.concept_embeddings``).
+* ``bare_names`` (an ablation, issue 14): the same concepts, chosen the same way (similarity of the in-prompt
+  embeddings), but each column is the name embedded alone: the text is the name without a prompt around it,
+  and the column the states of its tokens, averaged (:func:`bare_name_embeddings`). Only the vectors differ
+  from ``names``, and they are states the evaluation prompts never produce (none starts with the name; the
+  text encoder is causal).
 * ``captions`` (the paper's code, used for its style table): one vector per caption of a fixed set of
   generic captions (``pl_module.caption_embeddings``: the state of the caption's last content token as the
   UNet sees it). The default set is :func:`cuig_lightning.data.captions.generic_captions` over the
@@ -14,8 +19,8 @@ value of that text) barely moves. ``source`` decides what C holds:
   (SD-1.5). Captions naming a current target are dropped; an object request adds a caption for every
   object erased before. C gets one column per caption.
 
-Either way near-duplicate columns (cosine > ``dedup``) are dropped, and C must not span the text width:
-with rank(C) = d, P ≈ 0 would freeze to_k / to_v, so that raises. The column count and rank are printed
+Whatever the source, near-duplicate columns (cosine > ``dedup``) are dropped, and C must not span the text
+width: with rank(C) = d, P ≈ 0 would freeze to_k / to_v, so that raises. The column count and rank are printed
 and recorded (``gradient_projection.json``).
 
 What the paper's code does (github.com/justinhylee135/CUIG, read for this; no code copied):
@@ -48,7 +53,7 @@ from torch import Tensor
 
 from callbacks.base import Regularizer
 from cuig_lightning.data.captions import generic_captions, names_concept, read_captions
-from cuig_lightning.requests import caption
+from cuig_lightning.requests import caption, concept_text
 
 GRADIENT_PROJECTION_JSON = "gradient_projection.json"
 
@@ -131,6 +136,18 @@ def select_neighbours(
     return [names[i] for i in (kept[:k] if mode == "topk" else kept)]
 
 
+@torch.no_grad()
+def bare_name_embeddings(diffusion, names: list[str]) -> Tensor:
+    """One vector per concept name, ``(len(names), d)``: the text is the name alone (``Van_Gogh`` -> "Van Gogh",
+    no prompt template), encoded by ``diffusion.encode_text``; the vector is the mean of the states of the
+    name's own tokens (after BOS/CLS, before EOS/SEP)."""
+    texts = [concept_text(n) for n in names]
+    start = len(diffusion.tokenizer("").input_ids) - 1  # the special tokens before the text (BOS / CLS)
+    states = diffusion.encode_text(texts)
+    widths = [len(diffusion.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
+    return torch.stack([states[i, start : start + w].mean(0) for i, w in enumerate(widths)])
+
+
 def is_projected(name: str) -> bool:
     """Cross-attention key/value weights: the maps from text embeddings that GradProj constrains."""
     return ("attn2.to_k" in name or "attn2.to_v" in name) and name.endswith("weight")
@@ -146,35 +163,37 @@ class GradientProjection(Regularizer):
     protected text vectors C, so W·c (hence their keys and values) barely moves (see the module docstring).
 
     Exact for plain SGD; optimizers that rescale the gradient elementwise (Adam, AdamW) break the
-    orthogonality. C is made once per stage, P broadcast from rank 0; the checkpoint keeps the chosen
-    neighbours (``names``) or the caption set's sha256 (``captions``: a resume with other captions is refused).
+    orthogonality. C is made once per stage, P broadcast from rank 0 (:attr:`C` shows it); the checkpoint keeps
+    the chosen neighbours (``names``, ``bare_names``) or the caption set's sha256 (``captions``: a resume with
+    other captions is refused).
 
     Args:
-        k: ``names``, ``mode: topk``: how many neighbours.
-        pool: ``names``: candidate concepts (default: the domain's vocabulary); the targets are removed, the
-            concepts erased before added.
-        mode: ``names``: ``topk`` or ``all`` (the whole deduplicated pool).
-        source: ``names`` (C from concept names) or ``captions`` (C from generic captions; the paper's code).
+        k: ``names`` / ``bare_names``, ``mode: topk``: how many neighbours.
+        pool: ``names`` / ``bare_names``: candidate concepts (default: the domain's vocabulary); the targets
+            are removed, the concepts erased before added.
+        mode: ``names`` / ``bare_names``: ``topk`` or ``all`` (the whole deduplicated pool).
+        source: ``names`` (C from concept names inside a prompt), ``bare_names`` (the same concepts, each
+            name embedded alone) or ``captions`` (C from generic captions; the paper's code).
         captions: ``captions``: the caption list, or a text file with one caption per line; default
             :func:`cuig_lightning.data.captions.generic_captions` over the vocabulary's objects.
         dedup: a column whose cosine with an already kept one exceeds this is dropped.
     """
 
     def __init__(self, k: int = 5, pool: list[str] | None = None, mode: Literal["topk", "all"] = "topk",
-                 source: Literal["names", "captions"] = "names", captions: list[str] | str | None = None,
+                 source: Literal["names", "bare_names", "captions"] = "names", captions: list[str] | str | None = None,
                  dedup: float = 0.95) -> None:
         if mode not in ("topk", "all"):
             raise ValueError(f"unknown GradientProjection mode {mode!r}; use topk or all")
         if k < 1:
             raise ValueError(f"GradientProjection k must be >= 1, got {k}")
-        if source not in ("names", "captions"):
-            raise ValueError(f"unknown GradientProjection source {source!r}; use names or captions")
+        if source not in ("names", "bare_names", "captions"):
+            raise ValueError(f"unknown GradientProjection source {source!r}; use names, bare_names or captions")
         if not 0.0 < dedup <= 1.0:
             raise ValueError(f"GradientProjection dedup must be in (0, 1], got {dedup}")
-        if source == "names" and captions is not None:
+        if source != "captions" and captions is not None:
             raise ValueError("GradientProjection captions need source: captions")
         if source == "captions" and pool is not None:
-            raise ValueError("GradientProjection pool is a list of concept names, for source: names")
+            raise ValueError("GradientProjection pool is a list of concept names, for source: names or bare_names")
         if isinstance(captions, str) and not Path(captions).expanduser().is_file():
             raise ValueError(f"GradientProjection captions file {captions} not found")
         if isinstance(captions, list) and (not captions or not all(isinstance(c, str) and c.strip() for c in captions)):
@@ -182,15 +201,23 @@ class GradientProjection(Regularizer):
         self.k, self.mode, self.source, self.dedup = k, mode, source, dedup
         self.pool = list(pool) if pool is not None else None
         self.captions = list(captions) if isinstance(captions, list) else captions
-        self.neighbours: list[str] | None = None  # names: the protected concepts
+        self.neighbours: list[str] | None = None  # names, bare_names: the protected concepts
         self.captions_sha256: str | None = None  # captions: the caption set C was built from
+        self._C: Tensor | None = None  # (d, n) float64, CPU; None: nothing protected
         self._P: Tensor | None = None  # float64, CPU
         self._P_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._report: str | None = None  # the line printed once the stage's progress bar exists
 
+    @property
+    def C(self) -> Tensor | None:
+        """This stage's protected text vectors as columns, ``(d, n)`` float64 on the CPU, near-duplicates
+        dropped: what P keeps fixed. None before ``on_train_start`` and when nothing is protected."""
+        return self._C
+
     # -- state -------------------------------------------------------------------------------
     def reset(self) -> None:
-        self.neighbours, self.captions_sha256, self._P, self._P_cache, self._report = None, None, None, {}, None
+        self.neighbours, self.captions_sha256, self._report = None, None, None
+        self._C, self._P, self._P_cache = None, None, {}
 
     def stage_state(self) -> dict[str, Any] | None:
         if self.source == "captions":
@@ -211,6 +238,10 @@ class GradientProjection(Regularizer):
         if self.source == "captions" and not callable(getattr(pl_module, "caption_embeddings", None)):
             raise TypeError(f"GradientProjection(source=captions) needs {type(pl_module).__name__}."
                             "caption_embeddings(captions) -> (n, d)")
+        diffusion = getattr(pl_module, "diffusion", None)
+        if self.source == "bare_names" and not callable(getattr(diffusion, "encode_text", None)):
+            raise TypeError(f"GradientProjection(source=bare_names) needs {type(pl_module).__name__}.diffusion "
+                            "(encode_text and tokenizer) to embed names alone")
 
     # -- hooks -------------------------------------------------------------------------------
     def candidate_pool(self, stage) -> list[str]:
@@ -253,6 +284,7 @@ class GradientProjection(Regularizer):
                 C, record, protected = self._names_matrix(trainer, pl_module)
         d = self._check_dims(pl_module, C)
         rank = check_rank(C, d) if C is not None else 0
+        self._C = C
         P = projector(C) if C is not None else torch.eye(d, dtype=torch.float64)
         self._P = trainer.strategy.broadcast(P.cpu(), src=0)  # identical P on every rank
         self._P_cache = {}
@@ -283,8 +315,12 @@ class GradientProjection(Regularizer):
         if not self.check_stage(pl_module, "neighbours were"):
             chosen, similarities = self._choose(pl_module)
             self.neighbours = trainer.strategy.broadcast(chosen, src=0)
-        C = self._embed(pl_module, self.neighbours).T if self.neighbours else None
-        record = {"source": "names", "mode": self.mode, "k": self.k, "targets": pl_module.stage.targets,
+        C = None
+        if self.neighbours and self.source == "bare_names":
+            C = bare_name_embeddings(pl_module.diffusion, self.neighbours).to("cpu", torch.float64).T
+        elif self.neighbours:
+            C = self._embed(pl_module, self.neighbours).T
+        record = {"source": self.source, "mode": self.mode, "k": self.k, "targets": pl_module.stage.targets,
                   "neighbours": self.neighbours}
         if similarities is not None:
             record["similarity"] = similarities

@@ -24,24 +24,33 @@ def benchmark(
     methods: dict[str, str] | None = None,
     rows: list[str] | None = None,
     seeds: list[int] | None = None,
+    simultaneous_n: list[int] | None = None,
     output: str = "results/runs",
     report: str = "results",
     tuning: Tuning | None = None,
     jobs: int = 1,
     report_only: bool = False,
+    gradproj_ablation: bool = False,
 ) -> None:
     """The paper's main table: tuning on a validation split, every row x method x seed (a `cuig fit` each), the report.
 
     Args:
-        base: the job config(s) every run starts from.
+        base: the job config(s) every run starts from, in order (tuning runs included).
         methods: method name -> folder holding one overlay YAML per row.
         rows: row names (overlay file stems), in table order.
         seeds: seeds (``seed_everything`` and ``data.seed``).
+        simultaneous_n: the simultaneous curve: for each n, a run of the ``simultaneous`` overlay from θ0 on the
+            first n requests of ``base`` per method and seed (``output/METHOD/simultaneous_n/nN/seedS``; for n =
+            all of them, the simultaneous row's runs). None: no curve.
         output: folder of the run folders (``output/method/row/seedN``, ``output/tuning/...``).
         report: folder of the report files.
-        tuning: the hyperparameter search on a validation split (None: the overlays as they are).
+        tuning: the hyperparameter search on a validation split (None: the overlays as they are). Its ``grid``
+            maps row -> ``CallbackClass: {init_arg: [values]}`` and/or ``dotted.config.path: [values]`` (a key
+            with a dot, e.g. ``model.learning_rate``); see :class:`cuig_lightning.benchmark.Tuning`.
         jobs: ``cuig fit`` processes at once (1: one after another, in this process).
         report_only: rebuild the report from the finished runs without training.
+        gradproj_ablation: also run the GradProj ablation ({AdamW, SGD} x C sources, one seed, with the
+            key/value drift probe; :mod:`cuig_lightning.benchmark.ablation`) and report it in gradproj_ablation.md.
     """
     base = [base] if isinstance(base, str) else list(base)
     methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
@@ -49,7 +58,8 @@ def benchmark(
                     "merge_gradproj", "gradproj_selft"]
     try:
         run_benchmark(base, methods, rows, seeds or [0, 1, 2], output, report, tuning, jobs, report_only,
-                      fit=lambda args: CuigCLI(args=args))
+                      fit=lambda args: CuigCLI(args=args), simultaneous_n=simultaneous_n,
+                      gradproj_ablation=gradproj_ablation)
     except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
         print(f"cuig: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -18,6 +18,19 @@ from cuig_lightning.models.diffusion import DiffusionModel, trainable_names
 from cuig_lightning.requests import Stage
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+    """``adamw``: ``torch.optim.AdamW(lr, weight_decay)``; ``sgd``: ``torch.optim.SGD(lr, momentum,
+    weight_decay)`` (no dampening, no Nesterov)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use {' or '.join(OPTIMIZERS)}")
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the stage is stopped before its weights are saved."""
 
@@ -30,11 +43,18 @@ class UnlearningModule(L.LightningModule):
             optional ``vae/``); nothing is downloaded.
         method: the base unlearning method (:mod:`cuig_lightning.methods`: ``ConAbl``, ``SculpMem``, ``ESD``),
             with its own arguments and trainable group; default ``ConAbl()``.
-        learning_rate: AdamW learning rate per sample; multiplied by the effective batch size when
-            ``scale_lr`` (the reference code's 2e-6 × batch size).
+        learning_rate: the optimizer's learning rate per sample; multiplied by the effective batch size when
+            ``scale_lr`` (the reference code's 2e-6 × batch size). AdamW moves every weight by about this much
+            per step whatever the gradient's size; SGD moves it by this times the gradient, so SGD needs a far
+            larger value for a comparable step (see configs/paper/gradproj_ablation/).
         scale_lr: multiply ``learning_rate`` by the effective batch size (batch size × gradient accumulation ×
-            devices), as the reference code does.
-        weight_decay: AdamW weight decay.
+            devices), as the reference code does (for either optimizer).
+        weight_decay: AdamW: decoupled weight decay; SGD: an L2 term ``weight_decay · W`` that the optimizer
+            adds to the gradient after the callbacks saw it (so GradProj does not project it; 0 keeps SGD
+            exactly orthogonal).
+        optimizer: ``adamw`` (the paper's) or ``sgd`` (plain stochastic gradient descent, the optimizer under
+            which GradProj's projection is exact).
+        momentum: SGD's momentum (0: plain SGD); AdamW has none and refuses a non-zero value.
         frozen_dtype: dtype of the frozen text encoder and VAE (``bfloat16`` halves their memory).
     """
 
@@ -46,8 +66,15 @@ class UnlearningModule(L.LightningModule):
         scale_lr: bool = True,
         weight_decay: float = 1e-2,
         frozen_dtype: Literal["float32", "bfloat16"] = "float32",
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.0,
     ):
         super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; use {' or '.join(OPTIMIZERS)}")
+        if momentum and optimizer != "sgd":
+            raise ValueError(f"model.momentum is an SGD option; {optimizer} has none (got {momentum})")
+        self.optimizer_name, self.momentum = optimizer, momentum
         self.diffusion = DiffusionModel.from_pretrained(model_path)
         self.method, self.learning_rate, self.scale_lr = method, learning_rate, scale_lr
         self.weight_decay = weight_decay
@@ -142,7 +169,7 @@ class UnlearningModule(L.LightningModule):
         if self.scale_lr:
             batch = getattr(self.trainer.datamodule, "batch_size", 1)
             lr *= batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
-        return torch.optim.AdamW(self.trainable.values(), lr=lr, weight_decay=self.weight_decay)
+        return build_optimizer(self.optimizer_name, self.trainable.values(), lr, self.weight_decay, self.momentum)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Keep mid-stage checkpoints small: only the trained tensors, not the whole frozen model.

@@ -66,10 +66,12 @@ IDENTITY_TRAINER_KEYS = (
 )
 #: ``data`` keys that do not change what is trained (where the anchor cache lives).
 NON_IDENTITY_DATA_KEYS = ("cache_dir",)
-#: Options added after run folders existed, at the value that trains exactly as before they existed: left
-#: out of the identity at that value, so that upgrading cuig does not disown finished runs.
-LATER_OPTIONS = {("trainer", "until_ua"): None, ("trainer", "until_ua_every"): 20,
-                 ("data", "style_templates"): DEFAULT_STYLE_TEMPLATES}
+#: Options added after run folders existed, at the values that train exactly as before they existed (a
+#: resolved config holds the argument's default, e.g. None, or the value spelled out): left out of the identity
+#: at those values, so that upgrading cuig does not disown finished runs.
+LATER_OPTIONS = {("trainer", "until_ua"): (None,), ("trainer", "until_ua_every"): (20,),
+                 ("data", "style_templates"): (None, DEFAULT_STYLE_TEMPLATES),
+                 ("model", "optimizer"): ("adamw",), ("model", "momentum"): (0.0,)}
 #: The same for callbacks' init_args (the resolved config lists every one, defaults included): class_path ->
 #: {init arg: the value that trains as before it existed}.
 LATER_CALLBACK_OPTIONS = {
@@ -90,14 +92,14 @@ def run_identity(config: dict) -> dict:
     identity = {
         "seed_everything": config.get("seed_everything"),
         "trainer": {k: trainer.get(k) for k in IDENTITY_TRAINER_KEYS},
-        "model": config.get("model"),
+        "model": dict(config["model"]) if isinstance(config.get("model"), dict) else config.get("model"),
         "data": {k: v for k, v in data.items() if k not in NON_IDENTITY_DATA_KEYS},
     }
     if identity["trainer"].get("until_ua") is None:  # the check interval means nothing without the rule
         identity["trainer"].pop("until_ua_every", None)
     for (section, key), before in LATER_OPTIONS.items():
-        if identity[section].get(key, before) == before:
-            identity[section].pop(key, None)
+        if isinstance(identity[section], dict) and key in identity[section] and identity[section][key] in before:
+            identity[section].pop(key)
     if isinstance(identity["trainer"].get("callbacks"), list):
         identity["trainer"]["callbacks"] = [_without_later_options(c) for c in identity["trainer"]["callbacks"]]
     return identity

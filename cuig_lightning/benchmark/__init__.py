@@ -1,16 +1,20 @@
 """``cuig benchmark``: the paper's main table on Canvas-mini — every row × method × seed, then the report.
 
-Each run is an ordinary ``cuig fit`` with the base config, the row's overlay and the seed, in its own run
+Each run is an ordinary ``cuig fit`` with the base config(s), the row's overlay and the seed, in its own run
 folder under ``output``; finished runs are skipped, so an interrupted benchmark resumes where it stopped.
 
-With a ``tuning`` section, each tuned row first runs its hyperparameter grid on a *validation* sequence
-of concepts that the reported sequence does not contain; the selection rule (:func:`choose`) picks one
-candidate per (method, row), and the reported runs use it. Choices and candidates go to
-``report/tuning.md``. ``jobs > 1`` runs that many ``cuig fit`` processes at once (logs next to each run
-folder); a run starts when the tuning runs it depends on have finished.
+With a ``tuning`` section, each tuned row first runs its hyperparameter grid (callback arguments and config
+paths such as ``model.learning_rate``; see :class:`Tuning`) on a *validation* sequence of concepts that the
+reported sequence does not contain; the selection rule (:func:`choose`) picks one candidate per (method, row),
+and the reported runs use it. Choices and candidates go to ``report/tuning.md``, every candidate's final
+validation UA and RA-I to ``report/tradeoff.png`` / ``tradeoff.json`` (the trade-off frontier, the sequential
+row's sweep as the reference). With ``simultaneous_n``, the simultaneous row is also run from θ0 on the first n
+reported targets for each n (the simultaneous curve). ``jobs > 1`` runs that many ``cuig fit`` processes at once
+(logs next to each run folder); a run starts when the tuning runs it depends on have finished.
 
-The report (table, per-request CSV, curves, drift and similarity scatters, summary.json) is rebuilt from
-the runs' metrics.
+The report (table, simultaneous curve, per-request CSV, curves, drift and similarity scatters, summary.json,
+tuning and trade-off, and the GradProj ablation's ``gradproj_ablation.md`` from its runs under ``output``) is
+rebuilt from the runs' metrics.
 """
 
 from __future__ import annotations
@@ -18,28 +22,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from cuig_lightning.benchmark.ablation import gradproj_ablation_plan, write_gradproj_ablation
 from cuig_lightning.benchmark.execute import execute
-from cuig_lightning.benchmark.plan import Run, Tuning, apply_updates, candidates, choose, plan, tag
-from cuig_lightning.benchmark.report import pearson, write_benchmark_report, write_tuning_report
+from cuig_lightning.benchmark.plan import Plan, Run, Tuning, apply_updates, candidates, choose, plan, tag
+from cuig_lightning.benchmark.report import pearson, tuning_points, write_benchmark_report, write_tuning_report
 
-__all__ = ["Run", "Tuning", "apply_updates", "candidates", "choose", "execute", "pearson", "plan", "run_benchmark",
-           "tag", "write_benchmark_report", "write_tuning_report"]
+__all__ = ["Plan", "Run", "Tuning", "apply_updates", "candidates", "choose", "execute", "pearson", "plan",
+           "run_benchmark", "tag", "tuning_points", "write_benchmark_report", "write_tuning_report"]
 
 
 def run_benchmark(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[int], output: str,
                   report: str, tuning: Tuning | None = None, jobs: int = 1, report_only: bool = False,
-                  fit: Callable[[list[str]], object] | None = None) -> Path:  # fmt: skip
-    """Run every (method, row, seed) of the main table (after the tuning runs) and write the report.
+                  fit: Callable[[list[str]], object] | None = None,
+                  simultaneous_n: list[int] | None = None, gradproj_ablation: bool = False) -> Path:
+    """Run every (method, row, seed) of the main table (after the tuning runs) and the simultaneous curve,
+    then write the report.
 
     The arguments are those of ``cuig benchmark`` (:func:`cuig_lightning.commands.benchmark`, where they are
     documented), plus ``fit``, which runs one ``cuig fit`` in this process when ``jobs == 1``.
     """
-    runs, tuned = plan(base, methods, rows, seeds, Path(output), tuning)
-    failed = [] if report_only else execute(runs, fit, jobs)
-    path = write_benchmark_report([r for r in runs if r.key[0] != "tuning"], Path(report), base[0],
-                                  tuning.min_ua if tuning else None)
+    planned = plan(base, methods, rows, seeds, Path(output), tuning, simultaneous_n)
+    ablation = gradproj_ablation_plan(base, Path(output)) if gradproj_ablation else []
+    failed = [] if report_only else execute(planned.runs + ablation, fit, jobs)
+    path = write_benchmark_report(planned, Path(report), base, tuning.min_ua if tuning else None)
     if tuning:
-        write_tuning_report(tuned, tuning, Path(report))
+        write_tuning_report(planned, tuning, Path(report))
+    write_gradproj_ablation(Path(output), Path(report))  # gradproj_ablation.md, once its runs under output exist
     if failed:
         logs = ", ".join(str(r.run_dir.with_suffix(".log")) for r in failed[:3])
         raise RuntimeError(f"{len(failed)} benchmark run(s) failed; logs: {logs}")

@@ -1,5 +1,6 @@
-"""Benchmark planning: the tuning grid, the runs of the main table (each an ordinary ``cuig fit``) and the
-selection rule. Pure: deciding the plan writes nothing; a run's config files are written when it launches."""
+"""Benchmark planning: the tuning grid, the runs of the main table and of the simultaneous curve (each an
+ordinary ``cuig fit``) and the selection rule. Pure: deciding the plan writes nothing; a run's config files
+are written when it launches."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ import yaml
 from cuig_lightning.run_folder import RunFolderError
 
 METRICS = ("UA", "RA_I", "RA_C")
+REFERENCE = "sequential"  # the row whose tuning sweep (the learning rate) is the trade-off plot's reference curve
+SIMULTANEOUS = "simultaneous"  # the row whose runs the simultaneous curve repeats on the first n targets
+
+Values = list[int | float]
 
 
 @dataclass
@@ -23,14 +28,19 @@ class Tuning:
 
     Args:
         validation: overlay that replaces ``trainer.requests`` with the validation sequence.
-        grid: row -> callback class name -> init argument -> values; every combination is a candidate.
-        combine: row -> tuned rows whose chosen values it uses (e.g. merge_gradproj: [merge, gradproj]).
+        grid: row -> axes; every combination of a row's axes is a candidate. An axis is either a callback,
+            ``ClassName: {init_arg: [values]}`` (the row overlay's ``trainer.callbacks`` entry whose class_path
+            ends in ``ClassName``), or a config path, ``section.key: [values]``: a key with a dot, set in the
+            row overlay, e.g. ``model.learning_rate: [1.0e-5, 2.0e-5]``. Class names have no dot.
+        combine: row -> tuned rows whose chosen callback values it uses (e.g. merge_gradproj: [merge, gradproj]).
+            Config paths (the learning rate) are not inherited: a combined row tunes them in its own grid entry,
+            each candidate run with its parts' choices (so its tuning runs wait for its parts').
         seed: the seed of the tuning runs.
         min_ua: the selection rule's UA floor, held after every validation request (see :func:`choose`).
     """
 
     validation: str
-    grid: dict[str, dict[str, dict[str, list[int | float]]]]
+    grid: dict[str, dict[str, dict[str, Values] | Values]]
     combine: dict[str, list[str]] = field(default_factory=dict)
     seed: int = 0
     min_ua: float = 80.0
@@ -38,15 +48,18 @@ class Tuning:
 
 @dataclass(eq=False)  # runs are compared by identity (needs, failed lists)
 class Run:
-    """One ``cuig fit`` of the benchmark: configs in order, the seed, and the tuning runs it waits for."""
+    """One ``cuig fit`` of the benchmark: configs in order, extra command-line options, the seed, and the
+    tuning runs it waits for."""
 
     key: tuple
     run_dir: Path
     configs: list[str]
     seed: int
     needs: list[Run] = field(default_factory=list)
-    prepare: Callable[[], Path] | None = None  # at launch: writes and returns the tuned overlay (last config)
-    writes: dict[str, dict] = field(default_factory=dict)  # config files (path -> content) written at launch
+    # config files this run writes at launch: path -> content, or a function giving it once `needs` have
+    # finished (a tuned overlay)
+    writes: dict[str, dict | Callable[[], dict]] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)  # options after the configs, e.g. --trainer.requests=[...]
     _finished: bool = field(default=False, init=False, repr=False)  # once true it stays true: polled every second
 
     @property
@@ -66,18 +79,44 @@ class Run:
         return True
 
     def all_configs(self) -> list[str]:
-        for path, data in self.writes.items():
-            _write_yaml(data, Path(path))
-        return self.configs + ([str(self.prepare())] if self.prepare else [])
+        """The config files, after writing those this run writes."""
+        for path, content in self.writes.items():
+            _write_yaml(content() if callable(content) else content, Path(path))
+        return self.configs
 
     def stamp(self) -> dict:
-        return {"configs": [yaml.safe_load(Path(c).read_text()) for c in self.all_configs()], "seed": self.seed}
+        stamp = {"configs": [yaml.safe_load(Path(c).read_text()) for c in self.all_configs()], "seed": self.seed}
+        return {**stamp, "overrides": self.overrides} if self.overrides else stamp
 
     def arguments(self) -> list[str]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "benchmark.json").write_text(json.dumps(self.stamp(), indent=1))
-        return ["fit", *itertools.chain.from_iterable(("--config", c) for c in self.all_configs()),
+        return ["fit", *itertools.chain.from_iterable(("--config", c) for c in self.all_configs()), *self.overrides,
                 f"--trainer.run_dir={self.run_dir}", f"--seed_everything={self.seed}", f"--data.seed={self.seed}"]
+
+
+@dataclass
+class Plan:
+    """What :func:`plan` decides. ``runs``: every run once, in launch order (the tuning runs, then seed by
+    seed the reported and curve runs, so a partial benchmark has whole seeds); the other fields index them.
+
+    Args:
+        runs: every run.
+        tuning: (method, tuned row) -> its candidates (updates, as :func:`candidates` makes them) and their runs.
+        reported: the main table's runs, keyed (method, row, seed).
+        curve: (method, n, seed) -> the simultaneous run from θ0 on the first n reported targets (for n = all of
+            them, the simultaneous row's own run when the table has that row).
+        chosen: (method, tuned row) -> the candidate :func:`choose` picks; call it once the row's runs finished.
+        settings: (method, row) -> the updates its reported runs use: its parts' chosen callback values
+            (``combine``), then its own chosen candidate.
+    """
+
+    runs: list[Run]
+    tuning: dict[tuple[str, str], list[tuple[dict, Run]]]
+    reported: list[Run]
+    curve: dict[tuple[str, int, int], Run]
+    chosen: Callable[[str, str], dict]
+    settings: Callable[[str, str], dict]
 
 
 def load_rows(run_dir: Path) -> list[dict]:
@@ -92,32 +131,59 @@ def load_rows(run_dir: Path) -> list[dict]:
     return rows
 
 
-def candidates(grid: dict[str, dict[str, list]]) -> list[dict[str, dict]]:
-    """Every combination of a row's grid, as {callback class: {argument: value}}."""
-    axes = [(cls, arg, values) for cls, args in grid.items() for arg, values in args.items()]
+def is_path(key: str) -> bool:
+    """A grid axis named with a dot is a config path (``model.learning_rate``); without, a callback class."""
+    return "." in key
+
+
+def candidates(grid: dict[str, dict | list]) -> list[dict]:
+    """Every combination of a row's grid, as updates {callback class: {argument: value}, config path: value}."""
+    axes = []  # (grid key, init argument or None for a config path, values)
+    for key, spec in grid.items():
+        axes.extend([(key, None, spec)] if is_path(key) else [(key, arg, values) for arg, values in spec.items()])
     result = []
     for combo in itertools.product(*(values for _, _, values in axes)):
-        updates: dict[str, dict] = {}
-        for (cls, arg, _), value in zip(axes, combo):
-            updates.setdefault(cls, {})[arg] = value
+        updates: dict = {}
+        for (key, arg, _), value in zip(axes, combo):
+            if arg is None:
+                updates[key] = value
+            else:
+                updates.setdefault(key, {})[arg] = value
         result.append(updates)
     return result
 
 
-def tag(updates: dict[str, dict]) -> str:
-    return "_".join(f"{arg}{value:g}" for args in updates.values() for arg, value in args.items()) or "default"
+def tag(updates: dict) -> str:
+    """A candidate's folder name: name and value of each setting (a config path by its last key), e.g.
+    ``weight2500_learning_rate1e-05``; ``default`` for no setting."""
+    settings = []
+    for key, value in updates.items():
+        settings += [(key.rsplit(".", 1)[-1], value)] if is_path(key) else list(value.items())
+    return "_".join(f"{name}{value:g}" for name, value in settings) or "default"
 
 
-def apply_updates(overlay: dict, updates: dict[str, dict]) -> dict:
-    """The overlay with the named callbacks' init_args updated; every named class must be in it."""
+def apply_updates(overlay: dict, updates: dict) -> dict:
+    """The overlay with the named callbacks' init_args updated (every named class must be in it) and the
+    config paths set."""
     overlay = copy.deepcopy(overlay)
     callbacks = (overlay.get("trainer") or {}).get("callbacks") or []
-    for cls, args in updates.items():
-        matching = [cb for cb in callbacks if cb["class_path"].split(".")[-1] == cls]
+    for key, value in updates.items():
+        if is_path(key):
+            *parents, last = key.split(".")
+            node = overlay
+            for part in parents:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+                if not isinstance(node, dict):
+                    raise ValueError(f"tuning sets {key!r}, but {part!r} in the row overlay is not a section")
+            node[last] = value
+            continue
+        matching = [cb for cb in callbacks if cb["class_path"].split(".")[-1] == key]
         if not matching:
-            raise ValueError(f"tuning names callback {cls!r}, which the row overlay does not use")
+            raise ValueError(f"tuning names callback {key!r}, which the row overlay does not use")
         for cb in matching:
-            cb.setdefault("init_args", {}).update(args)
+            cb.setdefault("init_args", {}).update(value)
     return overlay
 
 
@@ -136,6 +202,17 @@ def worst_ua(rows: list[dict]) -> float:
     return min(row["UA"] for row in rows)
 
 
+def base_value(base: list[str], path: str):
+    """The value at the dotted ``path`` in the last base config that sets it (None if none does)."""
+    value = None
+    for config in base:
+        node = yaml.safe_load(Path(config).read_text()) or {}
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        value = value if node is None else node
+    return value
+
+
 def _write_yaml(data: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(data, sort_keys=False)
@@ -145,23 +222,30 @@ def _write_yaml(data: dict, path: Path) -> Path:
 
 
 def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[int], output: Path,
-         tuning: Tuning | None) -> tuple[list[Run], dict]:
-    """The tuning runs, then the reported runs (seed-major, so a partial benchmark has whole seeds)."""
-    tuning_runs: dict[tuple[str, str], list[tuple[dict, Run]]] = {}
-    reported = []
+         tuning: Tuning | None = None, simultaneous_n: list[int] | None = None) -> Plan:
+    """The tuning runs of every tuned row (and of the parts of combined rows), the reported runs of every
+    (method, row, seed), and for each n in ``simultaneous_n`` a simultaneous run per (method, seed) on the
+    first n targets of the base configs' ``trainer.requests``."""
+    grid, combine = (tuning.grid, tuning.combine) if tuning else ({}, {})
+    simultaneous_n = simultaneous_n or []
+    needed = list(dict.fromkeys([*rows, *([SIMULTANEOUS] if simultaneous_n else [])]))
+    parts = list(dict.fromkeys(p for row in needed for p in combine.get(row, [])))
+    for part in parts:
+        if part not in grid or part in combine:
+            raise ValueError(f"tuning.combine uses {part!r}, which is not a tuned row of its own")
+    every_row = list(dict.fromkeys([*needed, *parts]))
+    overlays = {}  # (method, row) -> (its overlay file, the file's content)
     for method, folder in methods.items():
-        for row in rows:
+        for row in every_row:
             path = Path(folder) / f"{row}.yaml"
             if not path.is_file():
                 raise FileNotFoundError(f"no overlay {path} for row {row!r} of method {method!r}")
-            overlay = yaml.safe_load(path.read_text()) or {}
-            for updates in candidates(tuning.grid[row]) if tuning and row in tuning.grid else []:
-                candidate_dir = output / "tuning" / method / row / tag(updates)
-                cfg = candidate_dir.parent / f"{candidate_dir.name}.yaml"
-                run = Run(("tuning", method, row, tag(updates)), candidate_dir / f"seed{tuning.seed}",
-                          [*base, str(cfg), tuning.validation], tuning.seed,
-                          writes={str(cfg): apply_updates(overlay, updates)})
-                tuning_runs.setdefault((method, row), []).append((updates, run))
+            overlays[(method, row)] = (path, yaml.safe_load(path.read_text()) or {})
+    requests = base_value(base, "trainer.requests") or []
+    if not all(1 <= n <= len(requests) for n in simultaneous_n):
+        raise ValueError(f"simultaneous_n {simultaneous_n}: each n must be 1 to {len(requests)} (the base requests)")
+
+    tuning_runs: dict[tuple[str, str], list[tuple[dict, Run]]] = {}
     choices: dict[tuple[str, str], dict] = {}
 
     def chosen(method: str, row: str) -> dict:
@@ -170,26 +254,58 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
             choices[(method, row)] = choose(options, tuning.min_ua)
         return choices[(method, row)]
 
+    def inherited(method: str, row: str) -> dict:
+        return {k: v for part in combine.get(row, []) for k, v in chosen(method, part).items() if not is_path(k)}
+
+    def settings(method: str, row: str) -> dict:
+        return {**inherited(method, row), **(chosen(method, row) if (method, row) in tuning_runs else {})}
+
+    for method in methods:
+        # table order, combined rows last (their candidates need their parts')
+        for row in sorted((r for r in every_row if r in grid), key=lambda r: r in combine):
+            options = candidates(grid[row])
+            if len({tag(u) for u in options}) < len(options):
+                raise ValueError(f"tuning grid of {row!r}: two candidates get the same folder name; rename an axis")
+            needs = [run for part in combine.get(row, []) for _, run in tuning_runs[(method, part)]]
+            for updates in options:
+                candidate_dir = output / "tuning" / method / row / tag(updates)
+                cfg = candidate_dir.parent / f"{candidate_dir.name}.yaml"
+
+                def overlay(method=method, row=row, updates=updates) -> dict:
+                    return apply_updates(overlays[(method, row)][1], {**inherited(method, row), **updates})
+
+                run = Run(("tuning", method, row, tag(updates)), candidate_dir / f"seed{tuning.seed}",
+                          [*base, str(cfg), tuning.validation], tuning.seed, needs, writes={str(cfg): overlay})
+                tuning_runs.setdefault((method, row), []).append((updates, run))
+
+    def row_run(method: str, row: str, seed: int, key: tuple, run_dir: Path, overrides: list[str]) -> Run:
+        """A run of the row's overlay; with its tuned values when it is tuned or combines tuned rows."""
+        sources = [s for s in [*combine.get(row, []), row] if (method, s) in tuning_runs]
+        if not sources:
+            return Run(key, run_dir, [*base, str(overlays[(method, row)][0])], seed, overrides=overrides)
+        tuned = output / method / row / "tuned.yaml"
+        needs = [r for s in sources for _, r in tuning_runs[(method, s)]]
+
+        def write() -> dict:
+            return apply_updates(overlays[(method, row)][1], settings(method, row))
+
+        return Run(key, run_dir, [*base, str(tuned)], seed, needs, {str(tuned): write}, overrides)
+
+    runs = [run for options in tuning_runs.values() for _, run in options]
+    reported, curve = [], {}
     for seed in seeds:
-        for method, folder in methods.items():
+        for method in methods:
             for row in rows:
-                path = Path(folder) / f"{row}.yaml"
                 run_dir = output / method / row / f"seed{seed}"
-                sources = [row] if (method, row) in tuning_runs else (tuning.combine.get(row, []) if tuning else [])
-                if not sources:
-                    reported.append(Run((method, row, seed), run_dir, [*base, str(path)], seed))
+                reported.append(row_run(method, row, seed, (method, row, seed), run_dir, []))
+                runs.append(reported[-1])
+            for n in simultaneous_n:
+                if n == len(requests) and SIMULTANEOUS in rows:  # all the targets: the simultaneous row's run
+                    curve[(method, n, seed)] = next(r for r in reported if r.key == (method, SIMULTANEOUS, seed))
                     continue
-
-                def tuned_overlay(method=method, row=row, path=path, sources=sources) -> Path:
-                    updates = {}
-                    for source in sources:
-                        updates.update(chosen(method, source))
-                    overlay = apply_updates(yaml.safe_load(path.read_text()), updates)
-                    return _write_yaml(overlay, output / method / row / "tuned.yaml")
-
-                needs = [r for s in sources for _, r in tuning_runs[(method, s)]]
-                reported.append(Run((method, row, seed), run_dir, list(base), seed, needs, tuned_overlay))
-    all_tuning = [r for runs in tuning_runs.values() for _, r in runs]
-    return all_tuning + reported, {"runs": tuning_runs, "chosen": chosen}
-
-
+                run_dir = output / method / "simultaneous_n" / f"n{n}" / f"seed{seed}"
+                first_n = f"--trainer.requests={json.dumps(requests[:n])}"
+                curve[(method, n, seed)] = row_run(method, SIMULTANEOUS, seed, ("simultaneous_n", method, n, seed),
+                                                   run_dir, [first_n])
+                runs.append(curve[(method, n, seed)])
+    return Plan(runs, tuning_runs, reported, curve, chosen, settings)

@@ -1,5 +1,5 @@
-"""Benchmark report: the main table, tuning table, per-request CSV, curves, drift and similarity scatters and
-summary.json, rebuilt from the runs' metrics.json."""
+"""Benchmark report, rebuilt from the runs' metrics.json: the main table (with the simultaneous curve over n),
+the tuning table and trade-off frontier, per-request CSV, curves, drift and similarity scatters, summary.json."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import math
 import statistics
 from pathlib import Path
 
-import yaml
-
-from cuig_lightning.benchmark.plan import METRICS, Run, Tuning, load_rows, tag, worst_ua
+from cuig_lightning.benchmark.plan import (METRICS, REFERENCE, SIMULTANEOUS, Plan, Tuning, base_value, load_rows, tag,
+                                           worst_ua)
+from cuig_lightning.run_folder import saved_config
 
 PAPER = {  # the paper's main result (ConAbl, approximate)
     "sequential": (95, 20, 30), "simultaneous": (90, 70, 85), "l2": (92, 40, 75), "selft": (93, 35, 70),
@@ -20,27 +20,93 @@ PAPER = {  # the paper's main result (ConAbl, approximate)
 }
 
 
-def write_tuning_report(tuned: dict, tuning: Tuning, out: Path) -> None:
-    """tuning.md / tuning.json: every candidate's validation metrics and the chosen one per (method, row)."""
+def tuning_points(plan: Plan) -> dict[tuple[str, str], list[dict] | None]:
+    """Each tuning candidate's validation result, per tuned (method, row) in plan order (None: a run of the
+    row has not finished): the candidate's name and updates, UA / RA-I / RA-C after the last validation
+    request, the worst UA over all of them and whether the rule chose it."""
+    points = {}
+    for (method, row), runs in plan.tuning.items():
+        if not all(r.finished for _, r in runs):
+            points[(method, row)] = None
+            continue
+        best = plan.chosen(method, row)
+        points[(method, row)] = [
+            {"candidate": tag(updates), "updates": updates, **{k: rows[-1][k] for k in METRICS},
+             "worst_UA": worst_ua(rows), "chosen": updates == best}
+            for updates, rows in ((u, load_rows(r.run_dir)) for u, r in runs)]
+    return points
+
+
+def write_tuning_report(plan: Plan, tuning: Tuning, out: Path) -> None:
+    """tuning.md (every candidate's validation metrics, the choice per (method, row), the rows where no
+    candidate meets the rule), tuning.json (the values each tuned row's reported runs use), tradeoff.json
+    (method -> row -> candidates in order of final UA) and tradeoff.png (:func:`tradeoff_plot`)."""
+    points = tuning_points(plan)
     lines = [f"# Hyperparameter tuning on the validation split (`{tuning.validation}`, seed {tuning.seed})", "",
              f"Rule (matched forgetting): among candidates with UA ≥ {tuning.min_ua:g} after every validation "
              "request, the highest (RA-I + RA-C) / 2 after the last one; if none, the highest worst UA. "
              "UA / RA-I / RA-C after the last validation request; worst UA over all of them.", "",
              "| method | row | candidate | UA | worst UA | RA-I | RA-C | chosen |", "|---|---|---|---|---|---|---|---|"]
-    record = {}
-    for (method, row), runs in tuned["runs"].items():
-        if not all(r.finished for _, r in runs):
+    unmet, record, frontier = [], {}, {}
+    for (method, row), candidates in points.items():
+        if candidates is None:
             lines.append(f"| {method} | {row} | (unfinished) | | | | | |")
             continue
-        best = tuned["chosen"](method, row)
-        record.setdefault(method, {})[row] = best
-        for updates, run in runs:
-            rows = load_rows(run.run_dir)
-            m = rows[-1]
-            lines.append(f"| {method} | {row} | {tag(updates)} | {m['UA']:.1f} | {worst_ua(rows):.1f} | "
-                         f"{m['RA_I']:.1f} | {m['RA_C']:.1f} | {'**yes**' if updates == best else ''} |")
+        record.setdefault(method, {})[row] = plan.settings(method, row)
+        frontier.setdefault(method, {})[row] = sorted(candidates, key=lambda p: p["UA"])
+        lines += [f"| {method} | {row} | {p['candidate']} | {p['UA']:.1f} | {p['worst_UA']:.1f} | {p['RA_I']:.1f} | "
+                  f"{p['RA_C']:.1f} | {'**yes**' if p['chosen'] else ''} |" for p in candidates]
+        best = max(candidates, key=lambda p: p["worst_UA"])
+        if best["worst_UA"] < tuning.min_ua:
+            unmet.append(f"- {method} / {row}: **no candidate meets the rule** (UA ≥ {tuning.min_ua:g} after every "
+                         f"validation request); the best worst UA is {best['worst_UA']:.1f} ({best['candidate']}, "
+                         "chosen).")
+    if unmet:
+        lines += ["", "Rows where no candidate reaches the UA floor (their reported runs use the best-erasing one):",
+                  "", *unmet]
     (out / "tuning.md").write_text("\n".join(lines) + "\n")
     (out / "tuning.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "tradeoff.json").write_text(json.dumps(frontier, indent=2) + "\n")
+    tradeoff_plot(frontier, out / "tradeoff.png", tuning.min_ua)
+
+
+def tradeoff_plot(frontier: dict, path: Path, min_ua: float) -> None:
+    """The trade-off frontier: per method a panel, per tuned row its candidates' (final validation UA, final
+    validation RA-I) joined in order of UA; the sequential row's sweep (the learning rate) as the reference
+    curve, drawn black and dashed; chosen candidates ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(frontier) or ["(no finished tuning)"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.6), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for row, points in frontier.get(method, {}).items():
+            xs, ys = [p["UA"] for p in points], [p["RA_I"] for p in points]
+            if row == REFERENCE:
+                ax.plot(xs, ys, "s--", color="black", lw=2, ms=6, label=f"{row} (reference)", zorder=3)
+                for p in points:
+                    ax.annotate(p["candidate"], (p["UA"], p["RA_I"]), xytext=(3, 3), textcoords="offset points",
+                                fontsize=6)
+            else:
+                ax.plot(xs, ys, "o-", ms=4, lw=1, label=row)
+            chosen = [p for p in points if p["chosen"]]
+            ax.scatter([p["UA"] for p in chosen], [p["RA_I"] for p in chosen], s=110, facecolors="none",
+                       edgecolors="red", zorder=4)
+        ax.axvline(min_ua, color="grey", ls=":", lw=1)
+        ax.scatter([], [], s=110, facecolors="none", edgecolors="red", label="chosen")
+        ax.plot([], [], ":", color="grey", label=f"UA floor {min_ua:g} (the rule holds it at every request)")
+        ax.set_title(f"{method}: final validation RA-I vs UA over each row's tuning sweep", fontsize=9)
+        ax.set_xlabel("final validation UA (%)")
+        ax.set_ylabel("final validation RA-I (%)")
+        ax.set_xlim(-2, 102)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _mean(values: list[float]) -> float:
@@ -85,10 +151,27 @@ def collapse_point(curves: list[list[dict]], threshold: float = 50.0) -> int | N
     return next((x for x, y in zip(xs, ys) if y < threshold), None)
 
 
-def write_benchmark_report(runs: list[Run], out: Path, base: str, min_ua: float | None = None) -> Path:
-    """main_table.md, per_request.csv, curves.png, drift_vs_retention.png, similarity_vs_ra_i.png and
-    summary.json under ``out``. ``min_ua``: the matched-forgetting floor (a row meets it when every seed's UA
-    is >= it after every request); None: no such column."""
+def simultaneous_curve(plan: Plan) -> dict[str, dict[int, list[dict]]]:
+    """method -> n -> the final metrics row of each finished simultaneous run on the first n targets, with its
+    ``seed`` and ``cap`` (its ``trainer.max_steps``; ``steps`` is where it stopped)."""
+    curve: dict[str, dict[int, list[dict]]] = {}
+    for (method, n, seed), run in sorted(plan.curve.items(), key=lambda item: item[0][1:]):  # by n, then seed
+        rows = load_rows(run.run_dir)
+        if rows:
+            cap = saved_config(run.run_dir)["trainer"]["max_steps"]
+            curve.setdefault(method, {}).setdefault(n, []).append({**rows[-1], "seed": seed, "cap": cap})
+    return curve
+
+
+def _steps(final: dict) -> str:
+    return f"{final['steps']}" + (" (cap)" if final["steps"] is not None and final["steps"] >= final["cap"] else "")
+
+
+def write_benchmark_report(plan: Plan, out: Path, base: list[str], min_ua: float | None = None) -> Path:
+    """main_table.md (the table; then the simultaneous curve: metrics per n and each run's steps),
+    per_request.csv, curves.png, drift_vs_retention.png, similarity_vs_ra_i.png and summary.json under
+    ``out``. ``min_ua``: the matched-forgetting floor (a row meets it when every seed's UA is >= it after
+    every request); None: no such column."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,8 +179,9 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str, min_ua: float 
     import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
-    results = {run.key: load_rows(run.run_dir) for run in runs}
-    methods = list(dict.fromkeys(m for m, _, _ in results))
+    results = {run.key: load_rows(run.run_dir) for run in plan.reported}
+    by_n = simultaneous_curve(plan)
+    methods = list(dict.fromkeys([*(m for m, _, _ in results), *by_n]))
     rows = list(dict.fromkeys(r for _, r, _ in results))
 
     def curves(method: str, row: str) -> list[list[dict]]:
@@ -106,7 +190,7 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str, min_ua: float 
     matched_head = f" worst UA | UA ≥ {min_ua:g} throughout |" if min_ua is not None else ""
     lines = [f"| method | row | seeds | UA | RA-I | RA-C |{matched_head} drift (rel) | RA-I < 50 first at | "
              "paper UA / RA-I / RA-C |", "|---|---|---|---|---|---|" + "---|---|" * (min_ua is not None) + "---|---|---|"]
-    summary: dict = {"rows": {}}
+    summary: dict = {"rows": {}, "simultaneous_n": {}}
     for method in methods:
         for row in rows:
             finals = [c[-1] for c in curves(method, row)]
@@ -125,35 +209,56 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str, min_ua: float 
                     "drift_rel": _mean([f["drift_rel"] for f in finals if "drift_rel" in f]),
                     "RA_I_below_50_from": collapse, "worst_UA": worst}
     table = "\n".join(lines)
+    n_lines = ["| method | n | seeds | UA | RA-I | RA-C | steps (per seed) |", "|---|---|---|---|---|---|---|"]
+    for method, per_n in by_n.items():
+        for n, finals in per_n.items():
+            n_lines.append(f"| {method} | {n} | {len(finals)} | "
+                           + " | ".join(_mean_std([f[k] for f in finals]) for k in METRICS)
+                           + f" | {', '.join(_steps(f) for f in finals)} |")
+            summary["simultaneous_n"].setdefault(method, {})[n] = {
+                "seeds": len(finals), **{k: _mean([f[k] for f in finals]) for k in METRICS},
+                "steps": [f["steps"] for f in finals], "cap": [f["cap"] for f in finals]}
+    simultaneous = (
+        "\n\n## Simultaneous from θ0 on the first n targets\n\nOne run per n, method and seed, trained until its UA "
+        "reaches `trainer.until_ua` or the step cap (`(cap)`); metrics after its one request (mean ± std over seeds). "
+        f"The table's `{SIMULTANEOUS}` row is n = all targets.\n\n" + "\n".join(n_lines)) if by_n else ""
     (out / "main_table.md").write_text(
         f"# Main table on Canvas-mini (after the last request; mean ± std over seeds)\n\n{table}\n\n"
         "`RA-I < 50 first at`: the number of erased styles at which the seed-mean RA-I first drops below 50% "
         "(a simultaneous run erases all 12 in one request).\n"
-        f"Made by `cuig benchmark` from `{base}`; per-request metrics of every run in per_request.csv.\n"
+        f"Made by `cuig benchmark` from `{' + '.join(base)}`; per-request metrics of every run in per_request.csv."
+        f"{simultaneous}\n"
     )
+    labelled = [*((m, r, s, res) for (m, r, s), res in results.items()),
+                *((m, f"{SIMULTANEOUS}_n{n}", s, load_rows(run.run_dir)) for (m, n, s), run in plan.curve.items()
+                  if run not in plan.reported)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["method", "row", "seed", "request", "targets", *METRICS, "drift", "drift_rel"])
-    for (method, row, seed), res in results.items():
+    writer.writerow(["method", "row", "seed", "request", "targets", "steps", *METRICS, "drift", "drift_rel"])
+    for method, row, seed, res in labelled:
         for r in res:
             writer.writerow([method, row, seed, r["request"], r["targets"],
-                             *(r.get(k, "") for k in (*METRICS, "drift", "drift_rel"))])
+                             *(r.get(k, "") for k in ("steps", *METRICS, "drift", "drift_rel"))])
     (out / "per_request.csv").write_text(buffer.getvalue())
 
-    # per-request curves: one panel per metric, one line per (method, row), mean over seeds
+    # per-request curves: one panel per metric, one line per (method, row), mean over seeds; the simultaneous
+    # runs as a curve over n (its row's one point is that curve's last)
     fig, axes = plt.subplots(len(methods), 3, figsize=(13, 3.4 * len(methods)), squeeze=False)
     for i, method in enumerate(methods):
+        per_n = by_n.get(method, {})
         for j, key in enumerate(METRICS):
             ax = axes[i][j]
             for row in rows:
-                if curves(method, row):
+                if curves(method, row) and not (row == SIMULTANEOUS and per_n):
                     xs, ys, sd = curve_band(curves(method, row), key)
-                    line, = ax.plot(xs, ys, marker="o" if len(xs) > 1 else "*", ms=3 if len(xs) > 1 else 11, label=row)
-                    if len(xs) > 1 and any(sd):  # seed spread: mean ± one standard deviation
-                        ax.fill_between(xs, [y - e for y, e in zip(ys, sd)], [y + e for y, e in zip(ys, sd)],
-                                        color=line.get_color(), alpha=0.15, linewidth=0)
+                    _band(ax, xs, ys, sd, marker="o" if len(xs) > 1 else "*", ms=3 if len(xs) > 1 else 11, label=row)
+            if per_n:
+                values = [[f[key] for f in finals] for finals in per_n.values()]
+                _band(ax, list(per_n), [_mean(v) for v in values],
+                      [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
+                      marker="s", ms=4, ls="--", color="black", label=f"{SIMULTANEOUS} from θ0, per n")
             ax.set_title(f"{method}: {key.replace('_', '-')} (mean ± sd over seeds)", fontsize=9)
-            ax.set_xlabel("styles erased (simultaneous: one request, ★)", fontsize=8)
+            ax.set_xlabel("styles erased (simultaneous: n at once)", fontsize=8)
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylim(-2, 102)
             ax.grid(alpha=0.3)
@@ -182,13 +287,21 @@ def write_benchmark_report(runs: list[Run], out: Path, base: str, min_ua: float 
     plt.close(fig)
 
     summary.update({"drift_vs_RA_I_r": pearson(drift, ra_i), "drift_vs_RA_C_r": pearson(drift, ra_c),
-                    **similarity_plot(results, out / "similarity_vs_ra_i.png", base)})
+                    **similarity_plot(results, out / "similarity_vs_ra_i.png", base_value(base, "model.model_path"))})
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table)
     return out / "main_table.md"
 
 
-def similarity_plot(results: dict, path: Path, base: str) -> dict[str, float]:
+def _band(ax, xs: list, ys: list[float], sd: list[float], **style) -> None:
+    """A mean curve and, where seeds spread, its mean ± one standard deviation band."""
+    line, = ax.plot(xs, ys, **style)
+    if len(xs) > 1 and any(sd):
+        ax.fill_between(xs, [y - e for y, e in zip(ys, sd)], [y + e for y, e in zip(ys, sd)],
+                        color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def similarity_plot(results: dict, path: Path, model_path: str) -> dict[str, float]:
     """Each retained style's max cosine similarity to the targets erased so far (text encoder of the
     base model) against its accuracy, after every request of every run; Pearson r over all those
     points, within each (run, request) (centred: the common drift over time taken out) and over the
@@ -200,7 +313,6 @@ def similarity_plot(results: dict, path: Path, base: str) -> dict[str, float]:
 
     from cuig_lightning.models.diffusion import DiffusionModel
 
-    model_path = yaml.safe_load(Path(base).read_text())["model"]["model_path"]
     model = DiffusionModel.from_pretrained(model_path)
     names = sorted({c for res in results.values() for row in res if "per_concept" in row
                     for c in (*row["per_concept"]["unlearn"], *row["per_concept"]["retain"])})

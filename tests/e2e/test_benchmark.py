@@ -1,19 +1,24 @@
-"""The benchmark: a short version (2 methods, 3 requests, 1 seed) writes the report; tuning on a
-validation split picks hyperparameters by the stated rule, in parallel processes, and resumes."""
+"""The benchmark: a short version (2 methods, 3 requests, 1 seed, a tuned learning rate, the simultaneous curve)
+writes every report; tuning on a validation split picks hyperparameters by the stated rule, in parallel
+processes, and resumes; the plan of the paper's table, the tuning grid's config paths, the simultaneous curve
+and the trade-off frontier from fake metrics."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cuig_lightning.benchmark import Tuning, apply_updates, candidates, choose, pearson, plan, run_benchmark
+from cuig_lightning.benchmark import (Tuning, apply_updates, candidates, choose, pearson, plan, run_benchmark, tag,
+                                      write_tuning_report)
 from cuig_lightning.cli import main as cuig
 from cuig_lightning.run_folder import RunFolderError
 from tests.helpers import CONFIGS, tree_digest
 
+REPORTED = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["requests"]
 
 
 def test_pearson_matches_hand_computation():
@@ -43,6 +48,97 @@ def test_selection_rule_and_grid():
         apply_updates(overlay, {"GradientProjection": {"k": 3}})
 
 
+def test_grid_config_paths_set_keys_outside_callbacks():
+    grid = {"NormRegularizer": {"weight": [1.0, 2.0]}, "model.learning_rate": [1.0e-5, 2.0e-5]}
+    options = candidates(grid)
+    assert options[1] == {"NormRegularizer": {"weight": 1.0}, "model.learning_rate": 2.0e-5}
+    assert [tag(u) for u in options] == ["weight1_learning_rate1e-05", "weight1_learning_rate2e-05",
+                                         "weight2_learning_rate1e-05", "weight2_learning_rate2e-05"]
+    assert tag({"model.learning_rate": 2.5e-6}) == "learning_rate2.5e-06"
+    overlay = yaml.safe_load((CONFIGS / "canvas_mini_sculpmem" / "l2.yaml").read_text())
+    tuned = apply_updates(overlay, options[1])
+    assert tuned["model"]["learning_rate"] == 2.0e-5 and tuned["trainer"]["callbacks"][0]["init_args"]["weight"] == 1.0
+    assert tuned["model"]["method"] == overlay["model"]["method"]  # the rest of the section untouched
+    assert "learning_rate" not in overlay.get("model", {})  # the overlay itself unchanged
+    sequential = yaml.safe_load((CONFIGS / "canvas_mini" / "sequential.yaml").read_text())  # no model section
+    assert apply_updates(sequential, {"model.learning_rate": 5.0e-6})["model"] == {"learning_rate": 5.0e-6}
+    with pytest.raises(ValueError, match="not a section"):
+        apply_updates({"model": 3}, {"model.learning_rate": 1.0})
+
+
+def _fake_metrics(run_dir: Path, *ua_ra: tuple[float, float, float]) -> None:
+    """A finished run's metrics.json: one (UA, RA-I, RA-C) per request."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"request": i + 1, "targets": f"T{i}", "steps": 2, "UA": ua, "RA_I": ra_i, "RA_C": ra_c}
+            for i, (ua, ra_i, ra_c) in enumerate(ua_ra)]
+    (run_dir / "metrics.json").write_text(json.dumps(rows))
+
+
+def test_frontier_choices_and_combined_rows_from_fake_metrics(tmp_path):
+    methods = tmp_path / "rows"
+    methods.mkdir()
+    for row, source in (("sequential", "sequential"), ("l2", "l2"), ("l2_again", "l2")):
+        shutil.copy(CONFIGS / "canvas_mini" / f"{source}.yaml", methods / f"{row}.yaml")
+    tuning = Tuning(validation="validation.yaml", min_ua=80.0, combine={"l2_again": ["l2"]},
+                    grid={"sequential": {"model.learning_rate": [1.0e-5, 2.0e-5]},
+                          "l2": {"NormRegularizer": {"weight": [1.0, 2.0]}},
+                          "l2_again": {"model.learning_rate": [3.0e-5]}})
+    planned = plan([str(CONFIGS / "seq12.yaml")], {"conabl": str(methods)}, ["sequential", "l2", "l2_again"], [0],
+                   tmp_path / "runs", tuning)
+    metrics = {("sequential", "learning_rate1e-05"): [(90, 30, 80), (85, 20, 70)],  # meets the floor
+               ("sequential", "learning_rate2e-05"): [(100, 10, 60), (99, 5, 50)],
+               ("l2", "weight1"): [(70, 60, 90), (60, 50, 90)],  # no l2 candidate reaches UA 80: best worst UA 60
+               ("l2", "weight2"): [(40, 90, 95), (30, 80, 95)]}
+    for (row, name), values in metrics.items():
+        _fake_metrics(next(r for u, r in planned.tuning[("conabl", row)] if tag(u) == name).run_dir, *values)
+    [(_, combined)] = planned.tuning[("conabl", "l2_again")]
+    assert {n.key[2] for n in combined.needs} == {"l2"}  # a combined row's candidates wait for its parts
+    overlay = yaml.safe_load(Path(combined.all_configs()[-2]).read_text())  # its parts' choice + its own lr
+    assert overlay["trainer"]["callbacks"][0]["init_args"]["weight"] == 1.0
+    assert overlay["model"]["learning_rate"] == 3.0e-5
+    metrics[("l2_again", "learning_rate3e-05")] = [(95, 40, 90), (82, 35, 88)]
+    _fake_metrics(combined.run_dir, *metrics[("l2_again", "learning_rate3e-05")])
+
+    out = tmp_path / "report"
+    out.mkdir()
+    write_tuning_report(planned, tuning, out)
+    frontier = json.loads((out / "tradeoff.json").read_text())["conabl"]
+    for row, points in frontier.items():  # every candidate's final validation metrics, in order of UA
+        assert [p["UA"] for p in points] == sorted(p["UA"] for p in points)
+        for p in points:
+            assert (p["UA"], p["RA_I"], p["RA_C"]) == metrics[(row, p["candidate"])][-1]
+    assert [p["candidate"] for p in frontier["sequential"] if p["chosen"]] == ["learning_rate1e-05"]
+    assert [p["worst_UA"] for p in frontier["l2"]] == [30, 60]
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    chosen = json.loads((out / "tuning.json").read_text())["conabl"]
+    assert chosen["l2"] == {"NormRegularizer": {"weight": 1.0}}
+    assert chosen["l2_again"] == {"NormRegularizer": {"weight": 1.0}, "model.learning_rate": 3.0e-5}
+    text = (out / "tuning.md").read_text()
+    assert ("conabl / l2: **no candidate meets the rule** (UA ≥ 80 after every validation request); "
+            "the best worst UA is 60.0 (weight1, chosen)") in text
+    assert "conabl / sequential: **no candidate" not in text and "conabl / l2_again: **no candidate" not in text
+
+
+def test_simultaneous_curve_plan_cuts_the_reported_sequence(tmp_path):
+    methods = {"conabl": str(CONFIGS / "canvas_mini")}
+    planned = plan([str(CONFIGS / "seq12.yaml")], methods, ["sequential", "simultaneous"], [0, 1], tmp_path,
+                   simultaneous_n=[1, 2, 4, 8, 12])
+    assert set(planned.curve) == {("conabl", n, s) for n in (1, 2, 4, 8, 12) for s in (0, 1)}
+    for (method, n, seed), run in planned.curve.items():
+        if n == 12:  # all targets: the table's simultaneous row, run once
+            assert run in planned.reported and run.key == ("conabl", "simultaneous", seed)
+            continue
+        assert run in planned.runs and run not in planned.reported
+        assert run.configs[-1] == str(CONFIGS / "canvas_mini" / "simultaneous.yaml")
+        assert run.run_dir == tmp_path / "conabl" / "simultaneous_n" / f"n{n}" / f"seed{seed}"
+        [option] = [a for a in run.arguments() if a.startswith("--trainer.requests=")]
+        assert json.loads(option.split("=", 1)[1]) == REPORTED[:n]  # the first n reported targets
+    assert len(planned.runs) == len(set(map(id, planned.runs))) == 2 * 2 + 2 * 4  # rows x seeds + new per-n runs
+    for bad in ([0], [13]):
+        with pytest.raises(ValueError, match="simultaneous_n"):
+            plan([str(CONFIGS / "seq12.yaml")], methods, ["simultaneous"], [0], tmp_path, simultaneous_n=bad)
+
+
 def _tiny_base(tmp_path: Path, tiny_sd: Path, cache_dir: Path, requests: int = 3) -> Path:
     base = tmp_path / "base.yaml"
     config = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())
@@ -58,43 +154,75 @@ def _tiny_base(tmp_path: Path, tiny_sd: Path, cache_dir: Path, requests: int = 3
     return base
 
 
+def _validation(tmp_path: Path) -> Path:
+    validation = tmp_path / "validation.yaml"
+    validation.write_text(yaml.safe_dump({"trainer": {
+        "requests": [{"target": "Pop_Art"}, {"target": "Cubism"}],
+        "evaluation": {"retain_styles": ["Artist_Sketch", "Comic_Etch"]}}}))
+    return validation
+
+
 def test_short_benchmark_writes_table_and_plots(tmp_path, tiny_sd, cache_dir):
-    report = tmp_path / "results"
+    report, output = tmp_path / "results", tmp_path / "runs"
     base = _tiny_base(tmp_path, tiny_sd, cache_dir)
-    kwargs = dict(base=[str(base)], rows=["sequential", "l2"], seeds=[0], output=str(tmp_path / "runs"),
-                  methods={"conabl": str(CONFIGS / "canvas_mini"), "sculpmem": str(CONFIGS / "canvas_mini_sculpmem")},
-                  report=str(report), fit=cuig)
+    methods = {}
+    for method, folder in (("conabl", "canvas_mini"), ("sculpmem", "canvas_mini_sculpmem")):
+        methods[method] = str(tmp_path / folder)
+        shutil.copytree(CONFIGS / folder, tmp_path / folder)
+        simultaneous = yaml.safe_load((CONFIGS / folder / "simultaneous.yaml").read_text())
+        simultaneous["trainer"].update(max_steps=2, until_ua_every=2)  # a tiny cap, reached before any UA check
+        (tmp_path / folder / "simultaneous.yaml").write_text(yaml.safe_dump(simultaneous))
+    tuning = Tuning(validation=str(_validation(tmp_path)), min_ua=0.0,
+                    grid={"sequential": {"model.learning_rate": [1.0e-5, 2.0e-5]},
+                          "l2": {"NormRegularizer": {"weight": [0.0, 1.0e9]}}})
+    kwargs = dict(base=[str(base)], rows=["sequential", "l2"], seeds=[0], output=str(output), methods=methods,
+                  report=str(report), tuning=tuning, simultaneous_n=[1, 2], fit=cuig)
     table = run_benchmark(**kwargs)
     text = table.read_text()
     for method in ("conabl", "sculpmem"):
         for row in ("sequential", "l2"):
             assert f"| {method} | {row} | 1 |" in text
-    for png in ("curves.png", "drift_vs_retention.png", "similarity_vs_ra_i.png"):
+        for n in (1, 2):  # the simultaneous curve, each run's steps at the cap
+            assert f"| {method} | {n} | 1 |" in text
+            rows = json.loads((output / method / "simultaneous_n" / f"n{n}" / "seed0" / "metrics.json").read_text())
+            assert [r["targets"] for r in rows] == [" ".join(r["target"] for r in REPORTED[:n])]
+    assert "| 2 (cap) |" in text
+    for png in ("curves.png", "drift_vs_retention.png", "similarity_vs_ra_i.png", "tradeoff.png"):
         assert (report / png).stat().st_size > 1000
-    runs = sorted((tmp_path / "runs").glob("*/*/seed0/metrics.json"))
-    assert len(runs) == 4
+    assert len(sorted(output.glob("*/*/seed0/metrics.json"))) == 4  # the table's runs
     lines = (report / "per_request.csv").read_text().splitlines()
-    assert len(lines) == 1 + 4 * 3  # header + 4 runs x 3 requests
+    assert len(lines) == 1 + 4 * 3 + 2 * 2  # header + 4 runs x 3 requests + 4 simultaneous runs x 1 request
     summary = json.loads((report / "summary.json").read_text())
     assert set(summary["rows"]) == {f"{m}/{r}" for m in ("conabl", "sculpmem") for r in ("sequential", "l2")}
+    assert set(summary["simultaneous_n"]["conabl"]) == {"1", "2"}
+    frontier = json.loads((report / "tradeoff.json").read_text())
+    assert {row: len(points) for row, points in frontier["sculpmem"].items()} == {"sequential": 2, "l2": 2}
+    # the tuned learning rate reaches the reported runs
+    chosen_lr = json.loads((report / "tuning.json").read_text())["conabl"]["sequential"]["model.learning_rate"]
+    job = json.loads((output / "conabl" / "sequential" / "seed0" / "job.json").read_text())
+    assert job["config"]["model"]["learning_rate"] == chosen_lr
+
+    # --report_only rebuilds every report file from the finished runs, training nothing
+    stamps = {p: p.stat().st_mtime_ns for p in output.rglob("metrics.json")}
+    for name in ("main_table.md", "tradeoff.png", "tradeoff.json", "curves.png"):
+        (report / name).unlink()
+    run_benchmark(**kwargs, report_only=True)
+    assert all((report / name).is_file() for name in ("main_table.md", "tradeoff.png", "tradeoff.json", "curves.png"))
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("metrics.json")} == stamps
 
     # a finished run is reused only while its configs are unchanged; otherwise one error, nothing touched
-    before = tree_digest(tmp_path / "runs")
+    before = tree_digest(output)
     config = yaml.safe_load(base.read_text())
     config["model"]["learning_rate"] = 3.0e-5
     base.write_text(yaml.safe_dump(config))
     with pytest.raises(RunFolderError, match="other config files"):
         run_benchmark(**kwargs)
-    assert tree_digest(tmp_path / "runs") == before
+    assert tree_digest(output) == before
 
 
 def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    validation = tmp_path / "validation.yaml"
-    validation.write_text(yaml.safe_dump({"trainer": {
-        "requests": [{"target": "Pop_Art"}, {"target": "Cubism"}],
-        "evaluation": {"retain_styles": ["Artist_Sketch", "Comic_Etch"]}}}))
-    tuning = Tuning(validation=str(validation), grid={"l2": {"NormRegularizer": {"weight": [0.0, 1.0e9]}}},
+    tuning = Tuning(validation=str(_validation(tmp_path)), grid={"l2": {"NormRegularizer": {"weight": [0.0, 1.0e9]}}},
                     combine={"merge_gradproj": ["l2"]}, min_ua=0.0)
     output, report = tmp_path / "runs", tmp_path / "results"
     kwargs = dict(base=[str(_tiny_base(tmp_path, tiny_sd, cache_dir, requests=2))],
@@ -129,26 +257,46 @@ def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_pat
     root = CONFIGS.parent
     tuning = Tuning(**{**config["tuning"], "validation": str(root / config["tuning"]["validation"])})
     methods = {m: str(root / f) for m, f in config["methods"].items()}
-    runs, tuned = plan([str(root / config["base"])], methods, config["rows"], config["seeds"], tmp_path, tuning)
+    base = [str(root / b) for b in config["base"]]
+    planned = plan(base, methods, config["rows"], config["seeds"], tmp_path, tuning, config["simultaneous_n"])
+    runs = planned.runs
     tuning_runs = [r for r in runs if r.key[0] == "tuning"]
     per_method = sum(len(candidates(g)) for g in tuning.grid.values())
-    assert len(tuning_runs) == 2 * per_method and len(runs) - len(tuning_runs) == 2 * len(config["rows"]) * 3
+    assert len(tuning_runs) == 2 * per_method and len(planned.reported) == 2 * len(config["rows"]) * 3
+    curve_only = [r for r in planned.curve.values() if r not in planned.reported]  # n = 12: the row's own runs
+    assert len(curve_only) == 2 * 3 * (len(config["simultaneous_n"]) - 1)
+    assert len(runs) == len(tuning_runs) + len(planned.reported) + len(curve_only)
+    assert config["simultaneous_n"] == [1, 2, 4, 8, 12] and config["seeds"] == [0, 1, 2]
     assert {"gradproj", "gradproj_topk", "merge_gradproj", "gradproj_selft"} <= set(config["rows"])
+    assert set(tuning.grid) == set(config["rows"])  # every row tuned, its learning rate included
+    assert all("model.learning_rate" in axes for axes in tuning.grid.values())
+    # 3 evaluation seeds for every run (the quick default job keeps 1); tuning only on the validation split
+    assert yaml.safe_load(Path(base[1]).read_text())["trainer"]["evaluation"]["seeds"] == [188, 288, 588]
+    assert all(r.configs[: len(base)] == base for r in runs)
+    assert all(r.configs[-1] == tuning.validation for r in tuning_runs)
     assert len({run.configs[-2] for run in tuning_runs}) == len(tuning_runs)  # one overlay file per candidate
-    for (method, row), pairs in tuned["runs"].items():
+    for (method, row), pairs in planned.tuning.items():
         for updates, run in pairs:  # each file really carries its candidate's values
+            if run.needs:  # a combined row's overlay is known once its parts' runs finished (fake-metrics test)
+                continue
             overlay = yaml.safe_load(Path(run.all_configs()[-2]).read_text())  # written when the run launches
-            got = {cb["class_path"].split(".")[-1]: cb.get("init_args", {}) for cb in overlay["trainer"]["callbacks"]}
-            for cls, args in updates.items():
-                assert {k: got[cls][k] for k in args} == args, (method, row, run.key)
+            callbacks = overlay["trainer"].get("callbacks", [])
+            got = {cb["class_path"].split(".")[-1]: cb.get("init_args", {}) for cb in callbacks}
+            for key, value in updates.items():
+                if "." in key:
+                    assert overlay["model"]["learning_rate"] == value, (method, row, run.key)
+                else:
+                    assert {k: got[key][k] for k in value} == value, (method, row, run.key)
     validation = yaml.safe_load(Path(tuning.validation).read_text())["trainer"]
     targets = {r["target"] for r in validation["requests"]}
     retained = set(validation["evaluation"]["retain_styles"])
-    reported = {r["target"] for r in yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["requests"]}
+    reported = {r["target"] for r in REPORTED}
     assert targets.isdisjoint(reported) and retained.isdisjoint(reported) and targets.isdisjoint(retained)
     reported_retain = set(yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["evaluation"]["retain_styles"])
     assert reported_retain.isdisjoint(targets | retained)  # validation never measures the reported retain set
-    # the reported runs of a tuned row wait for that row's tuning runs; combined rows for their parts'
+    # the reported runs of a tuned row wait for that row's tuning runs; combined rows also for their parts'
     merge_gradproj = next(r for r in runs if r.key == ("conabl", "merge_gradproj", 0))
-    assert {n.key[2] for n in merge_gradproj.needs} == {"merge", "gradproj"}
-    assert all(not r.needs for r in runs if r.key[1:2] in (("sequential",), ("simultaneous",)))
+    assert {n.key[2] for n in merge_gradproj.needs} == {"merge", "gradproj", "merge_gradproj"}
+    for run in [*planned.reported, *curve_only]:
+        row = run.key[1] if run in planned.reported else "simultaneous"
+        assert {n.key[2] for n in run.needs} == {row, *tuning.combine.get(row, [])}

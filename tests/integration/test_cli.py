@@ -184,3 +184,21 @@ def test_help_lists_every_command_and_documents_every_key():
         assert len(text) > 10, f"no help text for {name}: {block}"
         checked += 1
     assert checked > 15
+
+
+def test_run_folders_made_before_later_options_keep_their_identity(capsys):
+    """A job.json written before an option existed lacks its key; the same job resolved by today's CLI has it
+    at its default (e.g. ``data.style_templates: null``). Both must hash alike, or `cuig evaluate --run_dir` and
+    resumes refuse every older run folder as foreign."""
+    from cuig_lightning.run_folder import LATER_OPTIONS, identity_hash
+
+    assert run_cli("fit", "--config", str(REPO / "configs" / "seq12.yaml"), "--print_config") == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    older = yaml.safe_load(yaml.safe_dump(resolved))
+    for section, key in LATER_OPTIONS:
+        assert key in resolved[section], (section, key)  # the test sees every later option resolved...
+        older[section].pop(key)  # ...and an older job.json without it
+    assert identity_hash(older) == identity_hash(resolved)
+    changed = yaml.safe_load(yaml.safe_dump(resolved))
+    changed["data"]["style_templates"] = ["{prompt}, by {style}."]  # a real change still counts
+    assert identity_hash(changed) != identity_hash(resolved)
