@@ -64,11 +64,12 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        """metrics.json is written when the whole job is done; a run made from other config files
-        (benchmark.json, written at launch) is an error, not a finished run to reuse."""
+        """Finished when metrics.json has a row for every planned stage (the job rewrites it after each
+        request, so a stopped job leaves a partial one: that run is resumed, not reported); a run made from
+        other config files (benchmark.json, written at launch) is an error, not a finished run to reuse."""
         if self._finished:
             return True
-        if not (self.run_dir / "metrics.json").is_file():
+        if not (self.run_dir / "metrics.json").is_file() or len(load_rows(self.run_dir)) < self.planned_stages():
             return False
         if not all(n.finished for n in self.needs):
             return False  # its tuned overlay is not known yet; `cuig fit` checks the folder when launched
@@ -77,6 +78,18 @@ class Run:
             raise RunFolderError(f"{self.run_dir} was run from other config files; delete it to rerun")
         self._finished = True
         return True
+
+    def planned_stages(self) -> int:
+        """The metrics rows of the finished job: one per request, one for a simultaneous job. Read from the
+        config files in order (a later file's ``trainer`` keys win, as in ``cuig fit``) and the overrides."""
+        trainer: dict = {}
+        for config in self.configs:
+            if Path(config).is_file():  # a tuned overlay is written at launch; it never sets the requests
+                trainer.update((yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {})
+        for option in self.overrides:
+            if option.startswith("--trainer.requests="):
+                trainer["requests"] = yaml.safe_load(option.split("=", 1)[1])
+        return 1 if trainer.get("schedule") == "simultaneous" else len(trainer.get("requests") or [])
 
     def all_configs(self) -> list[str]:
         """The config files, after writing those this run writes."""

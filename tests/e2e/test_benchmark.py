@@ -79,7 +79,9 @@ def test_frontier_choices_and_combined_rows_from_fake_metrics(tmp_path):
     methods.mkdir()
     for row, source in (("sequential", "sequential"), ("l2", "l2"), ("l2_again", "l2")):
         shutil.copy(CONFIGS / "canvas_mini" / f"{source}.yaml", methods / f"{row}.yaml")
-    tuning = Tuning(validation="validation.yaml", min_ua=80.0, combine={"l2_again": ["l2"]},
+    validation = tmp_path / "validation.yaml"  # two validation requests: the fake runs below are whole
+    validation.write_text(yaml.safe_dump({"trainer": {"requests": [{"target": "Pop_Art"}, {"target": "Cubism"}]}}))
+    tuning = Tuning(validation=str(validation), min_ua=80.0, combine={"l2_again": ["l2"]},
                     grid={"sequential": {"model.learning_rate": [1.0e-5, 2.0e-5]},
                           "l2": {"NormRegularizer": {"weight": [1.0, 2.0]}},
                           "l2_again": {"model.learning_rate": [3.0e-5]}})
@@ -300,3 +302,28 @@ def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_pat
     for run in [*planned.reported, *curve_only]:
         row = run.key[1] if run in planned.reported else "simultaneous"
         assert {n.key[2] for n in run.needs} == {row, *tuning.combine.get(row, [])}
+
+
+def test_a_stopped_run_is_resumed_not_reported(tmp_path):
+    """The job rewrites metrics.json after every request: a run with fewer rows than planned stages is not finished."""
+    from cuig_lightning.benchmark.plan import Run
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"requests": [{"target": t} for t in ("A", "B", "C")]}}))
+    simultaneous = tmp_path / "sim.yaml"
+    simultaneous.write_text(yaml.safe_dump({"trainer": {"schedule": "simultaneous"}}))
+    row = {"targets": "A", "UA": 100.0, "RA_I": 90.0, "RA_C": 90.0}
+
+    def run(name, configs, overrides=()):
+        (tmp_path / name).mkdir()
+        return Run((name,), tmp_path / name, [str(c) for c in configs], 0, overrides=list(overrides))
+
+    partial, whole = run("partial", [config]), run("whole", [config])
+    (partial.run_dir / "metrics.json").write_text(json.dumps([row, row]))
+    (whole.run_dir / "metrics.json").write_text(json.dumps([row, row, row]))
+    assert not partial.finished and whole.finished
+    cut = run("cut", [config], ["--trainer.requests=[{target: A}, {target: B}]"])
+    (cut.run_dir / "metrics.json").write_text(json.dumps([row, row]))
+    sim = run("sim", [config, simultaneous])
+    (sim.run_dir / "metrics.json").write_text(json.dumps([row]))
+    assert cut.finished and sim.finished and (cut.planned_stages(), sim.planned_stages()) == (2, 1)
