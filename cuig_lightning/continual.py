@@ -43,6 +43,9 @@ class ContinualTrainer(L.Trainer):
             grid's erased part every ``until_ua_every`` steps; ``max_steps`` is the cap. None: always
             ``max_steps`` (the paper's sequential protocol); the simultaneous reference uses 95.
         until_ua_every: optimizer steps between those checks.
+        stop_below_ua: end the job after the first request whose UA is below this (percent): the rest of the
+            sequence is not run (a tuning candidate that stops erasing can no longer be chosen). It does not
+            change what is trained, so a later run of the folder without it continues the sequence.
         **kwargs: every ``lightning.Trainer`` argument, used for each stage's Trainer (``logger``: extra
             loggers beside the CSV / TensorBoard logs in ``run_dir/logs``; ``false``: no logs).
     """
@@ -56,6 +59,7 @@ class ContinualTrainer(L.Trainer):
         evaluation: Evaluation | None = None,
         until_ua: float | None = None,
         until_ua_every: int = 20,
+        stop_below_ua: float | None = None,
         **kwargs: Any,
     ):
         if checkpoint_every < 1:
@@ -63,7 +67,9 @@ class ContinualTrainer(L.Trainer):
         if until_ua is not None and (evaluation is None or until_ua_every < 1):
             raise ValueError("trainer.until_ua needs trainer.evaluation (its grid and classifiers) and "
                              f"until_ua_every >= 1 (got {until_ua_every})")
-        self.until_ua, self.until_ua_every = until_ua, until_ua_every
+        if stop_below_ua is not None and evaluation is None:
+            raise ValueError("trainer.stop_below_ua needs trainer.evaluation (it reads each request's UA)")
+        self.until_ua, self.until_ua_every, self.stop_below_ua = until_ua, until_ua_every, stop_below_ua
         self.requests = list(requests or [])
         self.schedule = schedule
         self.run_dir = Path(run_dir)
@@ -136,6 +142,11 @@ class ContinualTrainer(L.Trainer):
                          **manifest.get("metrics", {})})
             if self.is_global_zero and manifest.get("metrics"):  # the table so far, readable if the job stops
                 table = write_report(self.run_dir, rows)
+            ua = (manifest.get("metrics") or {}).get("UA")
+            if self.stop_below_ua is not None and ua is not None and ua < self.stop_below_ua and i + 1 < len(stages):
+                rank_zero_info(f"[cuig] request {i + 1}: UA {ua:.1f} < trainer.stop_below_ua {self.stop_below_ua:g}; "
+                               f"the job ends here ({len(stages) - i - 1} request(s) not run)")
+                break
         model.load_trainable(current)
         if table:
             rank_zero_info("\n" + table)

@@ -37,6 +37,10 @@ class Tuning:
             each candidate run with its parts' choices (so its tuning runs wait for its parts').
         seed: the seed of the tuning runs.
         min_ua: the selection rule's UA floor, held after every validation request (see :func:`choose`).
+        stop_below_min_ua: end a candidate's run after the first validation request with UA < ``min_ua``
+            (``trainer.stop_below_ua``): the rule can no longer choose it, so its remaining requests are skipped
+            (most of a weak candidate's cost on a CPU). Its trade-off point is then where it stopped; running
+            the benchmark again with this off completes those runs.
     """
 
     validation: str
@@ -44,6 +48,7 @@ class Tuning:
     combine: dict[str, list[str]] = field(default_factory=dict)
     seed: int = 0
     min_ua: float = 80.0
+    stop_below_min_ua: bool = False
 
 
 @dataclass(eq=False)  # runs are compared by identity (needs, failed lists)
@@ -60,16 +65,20 @@ class Run:
     # finished (a tuned overlay)
     writes: dict[str, dict | Callable[[], dict]] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)  # options after the configs, e.g. --trainer.requests=[...]
+    # end the job after a request with UA below this (trainer.stop_below_ua); not part of the run's identity
+    stop_below_ua: float | None = None
     _finished: bool = field(default=False, init=False, repr=False)  # once true it stays true: polled every second
 
     @property
     def finished(self) -> bool:
         """Finished when metrics.json has a row for every planned stage (the job rewrites it after each
-        request, so a stopped job leaves a partial one: that run is resumed, not reported); a run made from
-        other config files (benchmark.json, written at launch) is an error, not a finished run to reuse."""
+        request, so an interrupted job leaves a partial one: that run is resumed, not reported), or, with
+        ``stop_below_ua``, a row below it (:meth:`stopped`); a run made from other config files (benchmark.json,
+        written at launch) is an error, not a finished run to reuse."""
         if self._finished:
             return True
-        if not (self.run_dir / "metrics.json").is_file() or len(load_rows(self.run_dir)) < self.planned_stages():
+        rows = load_rows(self.run_dir)
+        if len(rows) < self.planned_stages() and not self.stopped(rows):
             return False
         if not all(n.finished for n in self.needs):
             return False  # its tuned overlay is not known yet; `cuig fit` checks the folder when launched
@@ -78,6 +87,10 @@ class Run:
             raise RunFolderError(f"{self.run_dir} was run from other config files; delete it to rerun")
         self._finished = True
         return True
+
+    def stopped(self, rows: list[dict]) -> bool:
+        """Whether the job ended early by ``stop_below_ua``: a request's UA fell below it."""
+        return self.stop_below_ua is not None and any(row["UA"] < self.stop_below_ua for row in rows)
 
     def planned_stages(self) -> int:
         """The metrics rows of the finished job: one per request, one for a simultaneous job. Read from the
@@ -104,8 +117,9 @@ class Run:
     def arguments(self) -> list[str]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "benchmark.json").write_text(json.dumps(self.stamp(), indent=1))
+        stop = [] if self.stop_below_ua is None else [f"--trainer.stop_below_ua={self.stop_below_ua}"]
         return ["fit", *itertools.chain.from_iterable(("--config", c) for c in self.all_configs()), *self.overrides,
-                f"--trainer.run_dir={self.run_dir}", f"--seed_everything={self.seed}", f"--data.seed={self.seed}"]
+                *stop, f"--trainer.run_dir={self.run_dir}", f"--seed_everything={self.seed}", f"--data.seed={self.seed}"]
 
 
 @dataclass
@@ -288,7 +302,8 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
                     return apply_updates(overlays[(method, row)][1], {**inherited(method, row), **updates})
 
                 run = Run(("tuning", method, row, tag(updates)), candidate_dir / f"seed{tuning.seed}",
-                          [*base, str(cfg), tuning.validation], tuning.seed, needs, writes={str(cfg): overlay})
+                          [*base, str(cfg), tuning.validation], tuning.seed, needs, writes={str(cfg): overlay},
+                          stop_below_ua=tuning.min_ua if tuning.stop_below_min_ua else None)
                 tuning_runs.setdefault((method, row), []).append((updates, run))
 
     def row_run(method: str, row: str, seed: int, key: tuple, run_dir: Path, overrides: list[str]) -> Run:

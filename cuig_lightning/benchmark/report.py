@@ -32,8 +32,9 @@ def tuning_points(plan: Plan) -> dict[tuple[str, str], list[dict] | None]:
         best = plan.chosen(method, row)
         points[(method, row)] = [
             {"candidate": tag(updates), "updates": updates, **{k: rows[-1][k] for k in METRICS},
-             "worst_UA": worst_ua(rows), "chosen": updates == best}
-            for updates, rows in ((u, load_rows(r.run_dir)) for u, r in runs)]
+             "worst_UA": worst_ua(rows), "requests": len(rows), "stopped": run.stopped(rows),
+             "chosen": updates == best}
+            for updates, run, rows in ((u, r, load_rows(r.run_dir)) for u, r in runs)]
     return points
 
 
@@ -45,17 +46,21 @@ def write_tuning_report(plan: Plan, tuning: Tuning, out: Path) -> None:
     lines = [f"# Hyperparameter tuning on the validation split (`{tuning.validation}`, seed {tuning.seed})", "",
              f"Rule (matched forgetting): among candidates with UA ≥ {tuning.min_ua:g} after every validation "
              "request, the highest (RA-I + RA-C) / 2 after the last one; if none, the highest worst UA. "
-             "UA / RA-I / RA-C after the last validation request; worst UA over all of them.", "",
+             "UA / RA-I / RA-C after the last validation request; worst UA over all of them"
+             + ("; a candidate whose UA fell below the floor stopped there (*stopped after request k*: the rule "
+                "cannot choose it, its later requests were not run)." if tuning.stop_below_min_ua else "."), "",
              "| method | row | candidate | UA | worst UA | RA-I | RA-C | chosen |", "|---|---|---|---|---|---|---|---|"]
     unmet, record, frontier = [], {}, {}
+    stop = lambda p: f" (*stopped after request {p['requests']}*)" if p["stopped"] else ""  # noqa: E731
     for (method, row), candidates in points.items():
         if candidates is None:
             lines.append(f"| {method} | {row} | (unfinished) | | | | | |")
             continue
         record.setdefault(method, {})[row] = plan.settings(method, row)
         frontier.setdefault(method, {})[row] = sorted(candidates, key=lambda p: p["UA"])
-        lines += [f"| {method} | {row} | {p['candidate']} | {p['UA']:.1f} | {p['worst_UA']:.1f} | {p['RA_I']:.1f} | "
-                  f"{p['RA_C']:.1f} | {'**yes**' if p['chosen'] else ''} |" for p in candidates]
+        lines += [f"| {method} | {row} | {p['candidate']}{stop(p)} | "
+                  f"{p['UA']:.1f} | {p['worst_UA']:.1f} | {p['RA_I']:.1f} | {p['RA_C']:.1f} | "
+                  f"{'**yes**' if p['chosen'] else ''} |" for p in candidates]
         best = max(candidates, key=lambda p: p["worst_UA"])
         if best["worst_UA"] < tuning.min_ua:
             unmet.append(f"- {method} / {row}: **no candidate meets the rule** (UA ≥ {tuning.min_ua:g} after every "
@@ -73,7 +78,8 @@ def write_tuning_report(plan: Plan, tuning: Tuning, out: Path) -> None:
 def tradeoff_plot(frontier: dict, path: Path, min_ua: float) -> None:
     """The trade-off frontier: per method a panel, per tuned row its candidates' (final validation UA, final
     validation RA-I) joined in order of UA; the sequential row's sweep (the learning rate) as the reference
-    curve, drawn black and dashed; chosen candidates ringed."""
+    curve, drawn black and dashed; chosen candidates ringed; candidates stopped below the UA floor (no final
+    point) as grey crosses where they stopped, outside the lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +88,12 @@ def tradeoff_plot(frontier: dict, path: Path, min_ua: float) -> None:
     methods = list(frontier) or ["(no finished tuning)"]
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
-        for row, points in frontier.get(method, {}).items():
+        stopped = [p for points in frontier.get(method, {}).values() for p in points if p.get("stopped")]
+        if stopped:
+            ax.scatter([p["UA"] for p in stopped], [p["RA_I"] for p in stopped], marker="x", color="grey", s=30,
+                       label="stopped below the floor (where it stopped)", zorder=2)
+        for row, every in frontier.get(method, {}).items():
+            points = [p for p in every if not p.get("stopped")]
             xs, ys = [p["UA"] for p in points], [p["RA_I"] for p in points]
             if row == REFERENCE:
                 ax.plot(xs, ys, "s--", color="black", lw=2, ms=6, label=f"{row} (reference)", zorder=3)
@@ -91,7 +102,7 @@ def tradeoff_plot(frontier: dict, path: Path, min_ua: float) -> None:
                                 fontsize=6)
             else:
                 ax.plot(xs, ys, "o-", ms=4, lw=1, label=row)
-            chosen = [p for p in points if p["chosen"]]
+            chosen = [p for p in every if p["chosen"]]
             ax.scatter([p["UA"] for p in chosen], [p["RA_I"] for p in chosen], s=110, facecolors="none",
                        edgecolors="red", zorder=4)
         ax.axvline(min_ua, color="grey", ls=":", lw=1)

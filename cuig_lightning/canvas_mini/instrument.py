@@ -45,7 +45,7 @@ def _collapsed(rows: list[dict]) -> bool:
 
 
 def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = None,
-         stop_after_collapse: bool = False) -> tuple[list[dict], float]:
+         stop_after_collapse: bool = False, model: str = "canvas-mini") -> tuple[list[dict], float]:
     """Run (or reuse) one ``cuig fit``: its per-request metric rows and its wall time in minutes (whole process:
     model loading, anchor generation, training, evaluation; measured when it ran, kept beside the run folder).
 
@@ -61,7 +61,8 @@ def _fit(configs: list[str], run_dir: Path, seed: int, threads: int | None = Non
         own_seed = yaml.safe_load(Path(configs[0]).read_text()).get("seed_everything")
         cmd = [sys.executable, "-m", "cuig_lightning", "fit", *(a for c in configs for a in ("--config", c)),
                "--trainer.run_dir", str(run_dir), "--seed_everything", str(seed),
-               *([] if seed == own_seed else ["--data.seed", str(seed)])]  # fmt: skip
+               *([] if seed == own_seed else ["--data.seed", str(seed)]),
+               *([] if model == "canvas-mini" else ["--model.model_path", model])]  # fmt: skip
         print("$", " ".join(cmd[2:]), flush=True)
         t0 = time.perf_counter()
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
@@ -154,7 +155,7 @@ def _job_settings(configs: list[str]) -> tuple[list[str], list[str], dict]:
 
 
 def _style_probability(path: Path, run_dirs: list[Path], retain: list[str], objects: list[str], steps: int,
-                       guidance: float, seeds: tuple[int, ...] = (188, 288, 588)) -> dict:
+                       guidance: float, seeds: tuple[int, ...] = (188, 288, 588), model: str = "canvas-mini") -> dict:
     """A finer damage measure than accuracy (kept in ``path``): per retained style, the style classifier's mean
     probability of the prompted style over ``retain x objects x seeds``, for the base model and after request 1
     of each run. Shows whether damage follows similarity where no image changes its label."""
@@ -165,7 +166,7 @@ def _style_probability(path: Path, run_dirs: list[Path], retain: list[str], obje
 
     if not path.is_file():
         evaluation = Evaluation(seeds=list(seeds), steps=steps, guidance=guidance)
-        model = DiffusionModel.from_pretrained("canvas-mini")
+        model = DiffusionModel.from_pretrained(model)
         base = {k: v.clone() for k, v in model.unet.state_dict().items()}
         pairs = [(s, o) for s in retain for o in objects]
         clf = evaluation.classifiers
@@ -184,7 +185,7 @@ def _style_probability(path: Path, run_dirs: list[Path], retain: list[str], obje
     return json.loads(path.read_text())
 
 
-def _base_check(path: Path, seeds: list[int], steps: int, guidance: float) -> dict:
+def _base_check(path: Path, seeds: list[int], steps: int, guidance: float, model: str = "canvas-mini") -> dict:
     """The base model over the full grid (kept in ``path``, like the runs: it takes minutes)."""
     from cuig_lightning.evaluation.protocol import Evaluation
     from cuig_lightning.models.diffusion import DiffusionModel
@@ -192,7 +193,7 @@ def _base_check(path: Path, seeds: list[int], steps: int, guidance: float) -> di
     if not path.is_file():
         t0 = time.perf_counter()
         evaluation = Evaluation(seeds=list(seeds), steps=steps, guidance=guidance)
-        res = evaluation.base_accuracy(DiffusionModel.from_pretrained("canvas-mini"))
+        res = evaluation.base_accuracy(DiffusionModel.from_pretrained(model))
         base = {k: round(res[k], 2) for k in ("style_accuracy", "object_accuracy", "neutral_accuracy")}
         base.update(n_images=res["n_images"], seeds=list(seeds), steps=steps, guidance=guidance,
                     seconds=round(time.perf_counter() - t0, 1), per_style=res["per_style"], per_object=res["per_object"])
@@ -210,6 +211,7 @@ def instrument(
     base_seeds: list[int] = [188, 288],
     jobs: int = 1,
     stop_after_collapse: bool = True,
+    model: str = "canvas-mini",
 ) -> dict:
     """Run the instrument checks and write the report.
 
@@ -223,10 +225,12 @@ def instrument(
         jobs: ``cuig fit`` processes at once (each with ``cores / jobs`` threads; wall times are then under load).
         stop_after_collapse: the sequential runs of seeds other than the job's own end once RA-I < 50 (checks 3
             and 5 read nothing later); the job's own seed always runs every request (its curve, its wall time).
+        model: the base model (``canvas-mini`` or a model folder, e.g. a pretraining checkpoint's ``model/``): a world
+            variant is checked by pointing every job, the base check and the damage measure at it.
     """
     targets, retain, ev = _job_settings(job)
     runs = Path(runs_dir)
-    report: dict = {"job": job, "seeds": list(seeds), "jobs": jobs}
+    report: dict = {"job": job, "seeds": list(seeds), "jobs": jobs, "model": model}
 
     report["classifiers"] = {k: json.loads((DEFAULT_DIR / f"{k}.json").read_text())["held_out"] for k in ("style", "object")}
 
@@ -235,13 +239,14 @@ def instrument(
 
     own_seed = yaml.safe_load(Path(job[0]).read_text()).get("seed_everything")
     plan = {s: dict(configs=job, run_dir=runs / "sequential" / f"seed{s}", seed=s,
-                    stop_after_collapse=stop_after_collapse and s != own_seed) for s in seeds}
-    plan["simultaneous"] = dict(configs=[*job, simultaneous], run_dir=runs / "simultaneous" / f"seed{seeds[0]}", seed=seeds[0])
+                    stop_after_collapse=stop_after_collapse and s != own_seed, model=model) for s in seeds}
+    plan["simultaneous"] = dict(configs=[*job, simultaneous], run_dir=runs / "simultaneous" / f"seed{seeds[0]}",
+                                seed=seeds[0], model=model)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     if threads:
         torch.set_num_threads(threads)  # the base check runs in this process, beside the fits
     with ThreadPoolExecutor(jobs) as pool:
-        base = pool.submit(_base_check, runs / "base.json", base_seeds, ev.get("steps", 20), ev.get("guidance", 1.5))
+        base = pool.submit(_base_check, runs / "base.json", base_seeds, ev.get("steps", 20), ev.get("guidance", 1.5), model)
         futures = {key: pool.submit(_fit, threads=threads, **run) for key, run in plan.items()}
         fits = {key: f.result() for key, f in futures.items()}
         report["base"] = base.result()
@@ -267,7 +272,7 @@ def instrument(
         "styles": {r: {"cosine": round(float(c), 3), "accuracy": round(float(a), 1)} for r, c, a in zip(retain, cos, mean_acc)},
     }  # fmt: skip
     probability = _style_probability(runs / "request1_probability.json", [plan[s]["run_dir"] for s in seeds], retain,
-                                     ev["retain_objects"], ev.get("steps", 20), ev.get("guidance", 1.5))
+                                     ev["retain_objects"], ev.get("steps", 20), ev.get("guidance", 1.5), model=model)
     drop = torch.tensor(probability["base"]) - torch.tensor(list(probability["after"].values())).mean(0)
     report["similarity_after_request_1"]["probability"] = {
         **probability, "mean_drop": [round(float(d), 4) for d in drop],

@@ -14,6 +14,7 @@ import yaml
 
 from cuig_lightning.benchmark import (Tuning, apply_updates, candidates, choose, pearson, plan, run_benchmark, tag,
                                       write_tuning_report)
+from cuig_lightning.benchmark.plan import load_rows
 from cuig_lightning.cli import main as cuig
 from cuig_lightning.run_folder import RunFolderError
 from tests.helpers import CONFIGS, tree_digest
@@ -327,3 +328,56 @@ def test_a_stopped_run_is_resumed_not_reported(tmp_path):
     sim = run("sim", [config, simultaneous])
     (sim.run_dir / "metrics.json").write_text(json.dumps([row]))
     assert cut.finished and sim.finished and (cut.planned_stages(), sim.planned_stages()) == (2, 1)
+
+
+def test_a_candidate_below_the_floor_stops_there(tmp_path):
+    """With ``stop_below_min_ua`` a tuning run is finished at its first request under the floor (the rule can no
+    longer choose it); the option travels as ``--trainer.stop_below_ua`` but is not part of the run's stamp."""
+    from cuig_lightning.benchmark.plan import Run
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"requests": [{"target": t} for t in ("A", "B", "C")]}}))
+
+    def run(name, stop):
+        (tmp_path / name).mkdir()
+        return Run((name,), tmp_path / name, [str(config)], 0, stop_below_ua=stop)
+
+    def rows(*ua):
+        return json.dumps([{"targets": "A", "UA": u, "RA_I": 90.0, "RA_C": 90.0} for u in ua])
+
+    below, above, no_rule = run("below", 85.0), run("above", 85.0), run("no_rule", None)
+    (below.run_dir / "metrics.json").write_text(rows(90.0, 84.9))
+    (above.run_dir / "metrics.json").write_text(rows(90.0, 85.0))
+    (no_rule.run_dir / "metrics.json").write_text(rows(90.0, 84.9))
+    assert below.finished and below.stopped(load_rows(below.run_dir))
+    assert not above.finished and not no_rule.finished
+    assert "--trainer.stop_below_ua=85.0" in below.arguments() and "stop_below_ua" not in json.dumps(below.stamp())
+    assert not any("stop_below_ua" in a for a in no_rule.arguments())
+    assert below.stamp() == no_rule.stamp()  # the same folder: a later run without the rule completes it
+
+
+def test_stopped_candidates_in_the_tuning_report(tmp_path):
+    methods = tmp_path / "rows"
+    methods.mkdir()
+    shutil.copy(CONFIGS / "canvas_mini" / "sequential.yaml", methods / "sequential.yaml")
+    validation = tmp_path / "validation.yaml"
+    validation.write_text(yaml.safe_dump({"trainer": {"requests": [{"target": "Pop_Art"}, {"target": "Cubism"}]}}))
+    tuning = Tuning(validation=str(validation), min_ua=80.0, stop_below_min_ua=True,
+                    grid={"sequential": {"model.learning_rate": [1.0e-6, 1.0e-5, 2.0e-5]}})
+    planned = plan([str(CONFIGS / "seq12.yaml")], {"conabl": str(methods)}, ["sequential"], [0],
+                   tmp_path / "runs", tuning)
+    runs = {tag(u): r for u, r in planned.tuning[("conabl", "sequential")]}
+    assert {r.stop_below_ua for r in runs.values()} == {80.0}
+    assert all(r.stop_below_ua is None for r in planned.reported)  # reported runs always run every request
+    _fake_metrics(runs["learning_rate1e-06"].run_dir, (10, 100, 99))  # stopped after request 1
+    _fake_metrics(runs["learning_rate1e-05"].run_dir, (90, 60, 90), (85, 50, 85))
+    _fake_metrics(runs["learning_rate2e-05"].run_dir, (99, 30, 80), (98, 20, 70))
+    out = tmp_path / "report"
+    out.mkdir()
+    write_tuning_report(planned, tuning, out)
+    text = (out / "tuning.md").read_text()
+    assert "| conabl | sequential | learning_rate1e-06 (*stopped after request 1*) | 10.0 |" in text
+    assert "learning_rate1e-05 |" in text and "learning_rate1e-05 (*stopped" not in text
+    points = {p["candidate"]: p for p in json.loads((out / "tradeoff.json").read_text())["conabl"]["sequential"]}
+    assert points["learning_rate1e-06"]["stopped"] and points["learning_rate1e-06"]["requests"] == 1
+    assert points["learning_rate1e-05"]["chosen"] and not points["learning_rate2e-05"]["stopped"]

@@ -156,3 +156,22 @@ def test_long_steps_show_progress_and_the_bar_names_the_request(tmp_path, tiny_s
     for text in ("anchor images (", "evaluation (", "request 1/1 Abstractionism"):
         assert text in out, text
     assert "litlogger" not in out and "v_num" not in out
+
+
+def test_stop_below_ua_ends_the_job_and_a_later_run_continues_it(tmp_path, tiny_sd, cache_dir, capsys):
+    """``trainer.stop_below_ua`` ends the job after a request under it; it is not part of the run's identity,
+    so the same config without it continues the sequence where the stopped job ended."""
+    cfg = write_tiny_job(tmp_path / "job.yaml", tiny_sd, cache_dir, tmp_path / "run", requests=2)
+    assert run_cli("fit", "--config", str(cfg), "--trainer.stop_below_ua", "100.1") == 0  # UA <= 100 always
+    run = tmp_path / "run"
+    assert [r["request"] for r in json.loads((run / "metrics.json").read_text())] == [1]
+    assert [p.parent.name for p in deltas(run)] == ["01-Abstractionism"]
+    first = (run / "requests" / "01-Abstractionism" / "manifest.json").read_bytes()
+    assert run_cli("fit", "--config", str(cfg)) == 0
+    assert [r["request"] for r in json.loads((run / "metrics.json").read_text())] == [1, 2]
+    assert (run / "requests" / "01-Abstractionism" / "manifest.json").read_bytes() == first
+    capsys.readouterr()
+    no_eval = write_tiny_job(tmp_path / "no_eval.yaml", tiny_sd, cache_dir, tmp_path / "run2", evaluation=False)
+    assert run_cli("fit", "--config", str(no_eval), "--trainer.stop_below_ua", "85") == 2
+    assert "stop_below_ua needs trainer.evaluation" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "run2").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from cuig_lightning.canvas_mini.instrument import _job_settings, write_report
 from tests.helpers import CONFIGS
@@ -82,3 +83,22 @@ def test_sequential_runs_stop_after_the_collapse_and_are_then_reused(tmp_path, m
     assert again == rows  # reused: nothing ran
     full, wall = instrument._fit(job, tmp_path / "seed42", 42)
     assert len(full) == 12 and wall == wall  # the job's own seed runs through and is timed
+
+
+def test_a_world_variant_points_every_job_at_its_model(tmp_path, monkeypatch):
+    from cuig_lightning.canvas_mini import instrument
+
+    fake = tmp_path / "fake_fit"
+    fake.write_text("#!" + sys.executable + "\nimport json, sys\nfrom pathlib import Path\n"
+                    "run = Path(sys.argv[sys.argv.index('--trainer.run_dir') + 1]); run.mkdir(parents=True)\n"
+                    "(run / 'argv.json').write_text(json.dumps(sys.argv))\n"
+                    "(run / 'metrics.json').write_text(json.dumps([{'request': 1, 'UA': 100.0, 'RA_I': 10.0}]))\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(instrument.sys, "executable", str(fake))
+    monkeypatch.setattr(instrument, "POLL_SECONDS", 0.05)
+    job = [str(CONFIGS / "seq12.yaml")]
+    instrument._fit(job, tmp_path / "variant", 43, stop_after_collapse=True, model="runs/w3/model")
+    instrument._fit(job, tmp_path / "shipped", 43, stop_after_collapse=True)
+    argv = json.loads((tmp_path / "variant" / "argv.json").read_text())
+    assert argv[argv.index("--model.model_path") + 1] == "runs/w3/model"
+    assert "--model.model_path" not in json.loads((tmp_path / "shipped" / "argv.json").read_text())
