@@ -198,6 +198,13 @@ def test_short_benchmark_writes_table_and_plots(tmp_path, tiny_sd, cache_dir):
     summary = json.loads((report / "summary.json").read_text())
     assert set(summary["rows"]) == {f"{m}/{r}" for m in ("conabl", "sculpmem") for r in ("sequential", "l2")}
     assert set(summary["simultaneous_n"]["conabl"]) == {"1", "2"}
+    similarity = summary["similarity_after_request_1"]  # the paper's way: the sequential row after request 1
+    assert set(similarity) == {"conabl", "sculpmem"}
+    for method, found in similarity.items():
+        first = json.loads((output / method / "sequential" / "seed0" / "metrics.json").read_text())[0]["per_concept"]
+        assert found["target"] == REPORTED[0]["target"] and found["seeds"] == 1
+        assert {s: v["accuracy"] for s, v in found["styles"].items()} == pytest.approx(first["retain"], abs=0.01)
+        assert all(-1 <= v["cosine"] <= 1 for v in found["styles"].values())
     frontier = json.loads((report / "tradeoff.json").read_text())
     assert {row: len(points) for row, points in frontier["sculpmem"].items()} == {"sequential": 2, "l2": 2}
     # the tuned learning rate reaches the reported runs
