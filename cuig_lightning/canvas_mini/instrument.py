@@ -185,6 +185,35 @@ def _style_probability(path: Path, run_dirs: list[Path], retain: list[str], obje
     return json.loads(path.read_text())
 
 
+def key_value_drift(run_dirs: list[Path], target: str, retain: list[str], cosine: np.ndarray,
+                    model: str = "canvas-mini") -> dict:
+    """The mechanism behind check 5, without sampling: after request 1 of each run, how far the cross-attention
+    keys and values of each name's in-prompt token states (``concept_embeddings``) moved, ‖ΔW·c‖ / ‖W0·c‖
+    (:func:`callbacks.key_value_drift.drift_ratios`), mean over the attn2 to_k / to_v layers and the runs: the
+    target's, each retained style's, and Pearson r between the retained styles' text cosine to the target
+    (``cosine``, rows in :data:`world.STYLES` order) and their drift."""
+    from safetensors.torch import load_file
+
+    from callbacks.key_value_drift import drift_ratios
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    diffusion = DiffusionModel.from_pretrained(model)
+    start = diffusion.unet.state_dict()
+    with torch.no_grad():
+        states = diffusion.concept_embeddings([target, *retain], "style")
+    per_run = []
+    for run_dir in run_dirs:
+        trained = load_file(str(next((run_dir / "requests").glob("01-*")) / DELTA))
+        layers = [k for k in trained if ".attn2.to_k." in k or ".attn2.to_v." in k]
+        per_run.append(torch.stack([drift_ratios(trained[k].float(), start[k].float(), states) for k in layers]).mean(0))
+    drift = torch.stack(per_run).mean(0).double()
+    index = {s: i for i, s in enumerate(world.STYLES)}
+    cos = torch.tensor([cosine[index[target], index[r]] for r in retain]).double()
+    return {"target": round(float(drift[0]), 4), "retained": {r: round(float(d), 4) for r, d in zip(retain, drift[1:])},
+            "pearson_r": round(float(pearson_corrcoef(cos, drift[1:])), 3) if drift[1:].std() > 0 else None,
+            "runs": len(run_dirs)}  # fmt: skip
+
+
 def _base_check(path: Path, seeds: list[int], steps: int, guidance: float, model: str = "canvas-mini") -> dict:
     """The base model over the full grid (kept in ``path``, like the runs: it takes minutes)."""
     from cuig_lightning.evaluation.protocol import Evaluation
@@ -278,6 +307,8 @@ def instrument(
         **probability, "mean_drop": [round(float(d), 4) for d in drop],
         "pearson_r_drop": round(float(pearson_corrcoef(cos.double(), drop.double())), 3) if drop.std() > 0 else None,
     }  # fmt: skip
+    report["similarity_after_request_1"]["key_value_drift"] = key_value_drift(
+        [plan[s]["run_dir"] for s in seeds], targets[0], retain, cosine, model)
     write_report(report, Path(output))
     return report
 
@@ -335,6 +366,17 @@ def write_report(report: dict, path: Path) -> None:
             f"{', '.join(map(str, prob['seeds']))}), base → after request 1 (mean over the runs); "
             f"Pearson r(text cosine, drop) = {prob['pearson_r_drop']}: "
             + ", ".join(f"{s} {b:.3f} → {b - d:.3f}" for s, b, d in zip(r1["styles"], prob["base"], prob["mean_drop"])),
+            "",
+        ]
+    kv = r1.get("key_value_drift")
+    if kv:
+        retained = list(kv["retained"].values())
+        lines += [
+            "The mechanism, without sampling: after request 1, key/value drift ‖ΔW·c‖ / ‖W0·c‖ of each name's in-prompt "
+            f"token states (mean over the attn2 to_k/to_v layers and {kv['runs']} runs): target {kv['target']}, retained "
+            f"{min(retained)}–{max(retained)} (mean {np.mean(retained):.4f}); Pearson r(text cosine, drift) over the "
+            f"retained styles = {kv['pearson_r']}: "
+            + ", ".join(f"{s} {d}" for s, d in sorted(kv["retained"].items(), key=lambda x: -x[1])),
             "",
         ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from cuig_lightning.canvas_mini.instrument import _job_settings, write_report
 from tests.helpers import CONFIGS
 
@@ -102,3 +104,36 @@ def test_a_world_variant_points_every_job_at_its_model(tmp_path, monkeypatch):
     argv = json.loads((tmp_path / "variant" / "argv.json").read_text())
     assert argv[argv.index("--model.model_path") + 1] == "runs/w3/model"
     assert "--model.model_path" not in json.loads((tmp_path / "shipped" / "argv.json").read_text())
+
+
+def test_key_value_drift_after_request_1(tmp_path):
+    """Against an independent computation: one key layer moved along the target's state, the others unchanged."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from cuig_lightning.canvas_mini import world
+    from cuig_lightning.canvas_mini.instrument import key_value_drift
+    from cuig_lightning.checkpoints import DELTA
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    target, retain = "Abstractionism", ["Greenfield", "Joy", "Monet"]
+    model = DiffusionModel.from_pretrained("canvas-mini")
+    start = {k: v.float() for k, v in model.unet.state_dict().items() if ".attn2.to_k." in k or ".attn2.to_v." in k}
+    states = model.concept_embeddings([target, *retain], "style")
+    moved = next(iter(start))
+    t = torch.nn.functional.normalize(states[0], dim=0)
+    trained = {**start, moved: start[moved] + 0.3 * torch.outer(torch.randn(start[moved].shape[0], generator=torch.Generator().manual_seed(0)), t)}
+    run = tmp_path / "run" / "requests" / "01-Abstractionism"
+    run.mkdir(parents=True)
+    save_file(trained, str(run / DELTA))
+    cosine = np.zeros((len(world.STYLES), len(world.STYLES)))
+    index = {s: i for i, s in enumerate(world.STYLES)}
+    for k, r in enumerate(retain):
+        cosine[index[target], index[r]] = [0.3, 0.0, 0.1][k]
+    result = key_value_drift([tmp_path / "run"], target, retain, cosine)
+    delta = trained[moved] - start[moved]
+    expected = [float((delta @ c).norm() / (start[moved] @ c).norm()) / len(start) for c in states]
+    assert result["target"] == pytest.approx(expected[0], abs=1e-4) and result["target"] > max(result["retained"].values())
+    assert list(result["retained"].values()) == pytest.approx(expected[1:], abs=1e-4)
+    assert result["runs"] == 1 and -1 <= result["pearson_r"] <= 1
