@@ -181,12 +181,17 @@ def candidates(grid: dict[str, dict | list]) -> list[dict]:
 
 
 def tag(updates: dict) -> str:
-    """A candidate's folder name: name and value of each setting (a config path by its last key), e.g.
-    ``weight2500_learning_rate1e-05``; ``default`` for no setting."""
+    """A candidate's folder name: name and value of each setting (a config path by its last key; a list value,
+    e.g. a per-request λ schedule, joined by ``-``), e.g. ``weight2500_learning_rate1e-05``, ``lam1-1.5-2``;
+    ``default`` for no setting."""
     settings = []
     for key, value in updates.items():
         settings += [(key.rsplit(".", 1)[-1], value)] if is_path(key) else list(value.items())
-    return "_".join(f"{name}{value:g}" for name, value in settings) or "default"
+
+    def text(value) -> str:
+        return "-".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+
+    return "_".join(f"{name}{text(value)}" for name, value in settings) or "default"
 
 
 def apply_updates(overlay: dict, updates: dict) -> dict:

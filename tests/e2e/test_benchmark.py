@@ -32,6 +32,10 @@ def test_pearson_matches_hand_computation():
 def test_selection_rule_and_grid():
     grid = {"ModelMerge": {"density": [0.2, 0.5], "lam": [1.0, 2.0]}}
     assert candidates(grid) == [{"ModelMerge": {"density": d, "lam": lam}} for d in (0.2, 0.5) for lam in (1.0, 2.0)]
+    schedules = candidates({"ModelMerge": {"lam": [2.0, [1.25, 1.5, 2.0]]}, "model.learning_rate": [1.0e-5]})
+    assert [tag(u) for u in schedules] == ["lam2_learning_rate1e-05", "lam1.25-1.5-2_learning_rate1e-05"]
+    merge = yaml.safe_load((CONFIGS / "canvas_mini" / "merge.yaml").read_text())
+    assert apply_updates(merge, schedules[1])["trainer"]["callbacks"][0]["init_args"]["lam"] == [1.25, 1.5, 2.0]
     a, b, c, d = ({"X": {"w": i}} for i in range(4))
     def rows(*ua_ra):  # one metrics row per request
         return [{"UA": ua, "RA_I": ra_i, "RA_C": ra_c} for ua, ra_i, ra_c in ua_ra]
