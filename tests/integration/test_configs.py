@@ -33,6 +33,15 @@ def test_seq12_is_the_canvas_mini_sequence(capsys):
     assert cfg["trainer"]["evaluation"] is not None
 
 
+def test_neighbours_diagnostic_measures_every_other_style(capsys):
+    from cuig_lightning.canvas_mini import world
+
+    cfg = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / "paper" / "neighbours.yaml")
+    [request] = cfg["trainer"]["requests"]
+    retain = cfg["trainer"]["evaluation"]["init_args"]["retain_styles"]
+    assert request["target"] == "Artist_Sketch" and sorted(retain) == sorted(set(world.STYLES) - {"Artist_Sketch"})
+
+
 @pytest.mark.parametrize("domain, targets", [("style", METHOD_MD_STYLES), ("object", METHOD_MD_OBJECTS)])
 def test_unlearncanvas_configs_name_the_paper_sequences(capsys, domain, targets):
     cfg = printed_config(capsys, CONFIGS / "unlearncanvas" / f"seq12_{domain}.yaml")
