@@ -124,8 +124,9 @@ class Run:
 
 @dataclass
 class Plan:
-    """What :func:`plan` decides. ``runs``: every run once, in launch order (the tuning runs, then seed by
-    seed the reported and curve runs, so a partial benchmark has whole seeds); the other fields index them.
+    """What :func:`plan` decides. ``runs``: every run once, in launch order: method by method (the first
+    method's table is whole before the next one's tuning starts, as a CPU-only benchmark wants it), each its
+    tuning runs, then seed by seed its reported and curve runs; the other fields index them.
 
     Args:
         runs: every run.
@@ -324,10 +325,10 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
 
         return Run(key, run_dir, [*base, str(tuned)], seed, needs, {str(tuned): write}, overrides)
 
-    runs = [run for options in tuning_runs.values() for _, run in options]
-    reported, curve = [], {}
-    for seed in seeds:
-        for method in methods:
+    runs, reported, curve = [], [], {}
+    for method in methods:
+        runs += [run for (m, _), options in tuning_runs.items() if m == method for _, run in options]
+        for seed in seeds:
             for row in rows:
                 run_dir = output / method / row / f"seed{seed}"
                 reported.append(row_run(method, row, seed, (method, row, seed), run_dir, []))

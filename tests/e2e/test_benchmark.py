@@ -280,6 +280,12 @@ def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_pat
     curve_only = [r for r in planned.curve.values() if r not in planned.reported]  # n = 12: the row's own runs
     assert len(curve_only) == 2 * 3 * (len(config["simultaneous_n"]) - 1)
     assert len(runs) == len(tuning_runs) + len(planned.reported) + len(curve_only)
+    # method by method (a CPU-only benchmark finishes ConAbl's table first), each its tuning before its table
+    method_of = [r.key[1] if r.key[0] in ("tuning", "simultaneous_n") else r.key[0] for r in runs]
+    assert method_of == sorted(method_of, key=list(config["methods"]).index)
+    conabl = [r for r, m in zip(runs, method_of) if m == "conabl"]
+    assert [r.key[0] == "tuning" for r in conabl] == sorted((r.key[0] == "tuning" for r in conabl), reverse=True)
+    assert all(r.stop_below_ua == tuning.min_ua for r in tuning_runs) and tuning.stop_below_min_ua
     assert config["simultaneous_n"] == [1, 2, 4, 8, 12] and config["seeds"] == [0, 1, 2]
     assert {"gradproj", "gradproj_topk", "merge_gradproj", "gradproj_selft"} <= set(config["rows"])
     assert set(tuning.grid) == set(config["rows"])  # every row tuned, its learning rate included
