@@ -19,7 +19,7 @@ METRICS = ("UA", "RA_I", "RA_C")
 REFERENCE = "sequential"  # the row whose tuning sweep (the learning rate) is the trade-off plot's reference curve
 SIMULTANEOUS = "simultaneous"  # the row whose runs the simultaneous curve repeats on the first n targets
 
-Values = list[int | float]
+Values = list[int | float | list[float]]  # a list value: e.g. a per-request λ schedule
 
 
 @dataclass

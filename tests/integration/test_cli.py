@@ -202,3 +202,16 @@ def test_run_folders_made_before_later_options_keep_their_identity(capsys):
     changed = yaml.safe_load(yaml.safe_dump(resolved))
     changed["data"]["style_templates"] = ["{prompt}, by {style}."]  # a real change still counts
     assert identity_hash(changed) != identity_hash(resolved)
+
+
+def test_every_shipped_benchmark_config_parses(capsys):
+    """The benchmark configs go through the real CLI (types included: a λ schedule is a list value in the grid)."""
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
+    benchmarks = [c for c in configs if "methods" in (yaml.safe_load(c.read_text()) or {})]
+    assert REPO / "configs" / "paper" / "main_table.yaml" in benchmarks
+    for config in benchmarks:
+        assert run_cli("benchmark", "--config", str(config), "--print_config") == 0, config
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["tuning"] is None or printed["tuning"]["grid"], config
+    main = yaml.safe_load((REPO / "configs" / "paper" / "main_table.yaml").read_text())
+    assert any(isinstance(v, list) for v in main["tuning"]["grid"]["merge"]["ModelMerge"]["lam"])
