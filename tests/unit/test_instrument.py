@@ -27,7 +27,8 @@ def _report(first_below_50, sim_ra_i, r):
         "jobs": 1, "seeds": [42, 43],
         "base": {"style_accuracy": 97.0, "object_accuracy": 91.0, "neutral_accuracy": 100.0, "n_images": 1176},
         "classifiers": {"style": held, "object": held},
-        "look_meaning": {"spearman": {"look_parameters": 0.2, "image_statistics": 0.11}, "pairs": 1128,
+        "look_meaning": {"spearman": {"look_parameters": 0.2, "image_statistics": 0.11},
+                         "mantel_p": {"look_parameters": 0.001, "image_statistics": 0.004}, "pairs": 1128,
                          "attribute_agreement": {"hue_base": 0.3}},
         "sequential": {"42": seq, "43": {**seq, "RA_I": [90.0, 60.0], "first_below_50": 4}},  # 43 stopped early
         "simultaneous": {"UA": 96.0, "RA_I": sim_ra_i, "RA_C": 90.0, "drift_rel": 0.1},
@@ -137,3 +138,26 @@ def test_key_value_drift_after_request_1(tmp_path):
     assert result["target"] == pytest.approx(expected[0], abs=1e-4) and result["target"] > max(result["retained"].values())
     assert list(result["retained"].values()) == pytest.approx(expected[1:], abs=1e-4)
     assert result["runs"] == 1 and -1 <= result["pearson_r"] <= 1
+
+
+def test_mantel_test_against_a_known_answer():
+    import numpy as np
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
+
+    from cuig_lightning.canvas_mini.instrument import mantel_p
+
+    rng = np.random.default_rng(1)
+    points = rng.standard_normal((30, 3))
+    text = points @ points.T  # a symmetric pair matrix with structure
+    noisy = text + 2.0 * rng.standard_normal((30, 30))
+    noisy = (noisy + noisy.T) / 2
+    unrelated = rng.standard_normal((30, 30))
+    unrelated = (unrelated + unrelated.T) / 2
+    assert mantel_p(text, text, permutations=199) == 1 / 200  # no relabelling reaches a perfect correlation
+    assert mantel_p(noisy, text, permutations=199) < 0.05
+    assert mantel_p(unrelated, text, permutations=199) > 0.05
+    assert mantel_p(-text, text, permutations=199) == 1.0  # one-sided: a negative correlation is no evidence
+    iu = np.triu_indices(30, 1)
+    rho = float(spearman_corrcoef(torch.tensor(noisy[iu]), torch.tensor(text[iu])))
+    assert rho > 0.2  # the structure the test detects is really there
