@@ -1,13 +1,13 @@
 """Investigation: do retained styles that share a word (palette or pattern) with an erased target lose
-more accuracy than those that share none? Reads the finished runs' metrics under results/runs.
+more accuracy than those that share none? Reads the finished runs' metrics under results/first_world/run_metrics.
 
-    python results/entanglement.py > results/entanglement.txt
+    python results/first_world/entanglement.py > results/first_world/entanglement.txt
 """
 import json
 from collections import defaultdict
 from pathlib import Path
 
-runs = Path(__file__).resolve().parent / "runs"
+runs = Path(__file__).resolve().parent / "run_metrics"
 acc = defaultdict(list)  # (method, row, erased so far, shares a word) -> per-style accuracies
 for path in sorted(runs.glob("*/*/seed*/metrics.json")):
     method, row = path.parts[-4], path.parts[-3]
