@@ -287,6 +287,9 @@ def instrument(
         model: the base model (``canvas-mini`` or a model folder, e.g. a pretraining checkpoint's ``model/``): a world
             variant is checked by pointing every job, the base check and the damage measure at it.
     """
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    DiffusionModel.from_pretrained(model)  # a missing or broken model folder: one error before any job starts
     targets, retain, ev = _job_settings(job)
     runs = Path(runs_dir)
     report: dict = {"job": job, "seeds": list(seeds), "jobs": jobs, "model": model}

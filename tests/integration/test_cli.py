@@ -215,3 +215,10 @@ def test_every_shipped_benchmark_config_parses(capsys):
         assert printed["tuning"] is None or printed["tuning"]["grid"], config
     main = yaml.safe_load((REPO / "configs" / "paper" / "main_table.yaml").read_text())
     assert any(isinstance(v, list) for v in main["tuning"]["grid"]["merge"]["ModelMerge"]["lam"])
+
+
+def test_instrument_with_a_missing_model_folder_writes_nothing(tmp_path, capsys):
+    assert run_cli("instrument", "--model", str(tmp_path / "missing"), "--runs_dir", str(tmp_path / "runs"),
+                   "--output", str(tmp_path / "instrument.md")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"cuig: error: model folder {tmp_path / 'missing'} does not exist"
+    assert sorted(tmp_path.iterdir()) == []
