@@ -215,13 +215,12 @@ def _style_probability(path: Path, run_dirs: list[Path], retain: list[str], obje
     return json.loads(path.read_text())
 
 
-def key_value_drift(run_dirs: list[Path], target: str, retain: list[str], cosine: np.ndarray,
-                    model: str = "canvas-mini") -> dict:
+def key_value_drift(run_dirs: list[Path], target: str, retain: list[str], model: str = "canvas-mini") -> dict:
     """The mechanism behind check 5, without sampling: after request 1 of each run, how far the cross-attention
     keys and values of each name's in-prompt token states (``concept_embeddings``) moved, ‖ΔW·c‖ / ‖W0·c‖
     (:func:`callbacks.key_value_drift.drift_ratios`), mean over the attn2 to_k / to_v layers and the runs: the
-    target's, each retained style's, and Pearson r between the retained styles' text cosine to the target
-    (``cosine``, rows in :data:`world.STYLES` order) and their drift."""
+    target's, each retained style's, and Pearson r between the retained styles' text cosine to the target (of
+    the same states, as :func:`looks.style_text_cosine`) and their drift."""
     from safetensors.torch import load_file
 
     from callbacks.key_value_drift import drift_ratios
@@ -237,8 +236,8 @@ def key_value_drift(run_dirs: list[Path], target: str, retain: list[str], cosine
         layers = [k for k in trained if ".attn2.to_k." in k or ".attn2.to_v." in k]
         per_run.append(torch.stack([drift_ratios(trained[k].float(), start[k].float(), states) for k in layers]).mean(0))
     drift = torch.stack(per_run).mean(0).double()
-    index = {s: i for i, s in enumerate(world.STYLES)}
-    cos = torch.tensor([cosine[index[target], index[r]] for r in retain]).double()
+    unit = torch.nn.functional.normalize(states.double(), dim=-1)
+    cos = unit[1:] @ unit[0]
     return {"target": round(float(drift[0]), 4), "retained": {r: round(float(d), 4) for r, d in zip(retain, drift[1:])},
             "pearson_r": round(float(pearson_corrcoef(cos, drift[1:])), 3) if drift[1:].std() > 0 else None,
             "runs": len(run_dirs)}  # fmt: skip
@@ -341,7 +340,7 @@ def instrument(
         "pearson_r_drop": round(float(pearson_corrcoef(cos.double(), drop.double())), 3) if drop.std() > 0 else None,
     }  # fmt: skip
     report["similarity_after_request_1"]["key_value_drift"] = key_value_drift(
-        [plan[s]["run_dir"] for s in seeds], targets[0], retain, cosine, model)
+        [plan[s]["run_dir"] for s in seeds], targets[0], retain, model)
     write_report(report, Path(output))
     return report
 
