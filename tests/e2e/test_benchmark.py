@@ -379,13 +379,17 @@ def test_stopped_candidates_in_the_tuning_report(tmp_path):
     shutil.copy(CONFIGS / "canvas_mini" / "sequential.yaml", methods / "sequential.yaml")
     validation = tmp_path / "validation.yaml"
     validation.write_text(yaml.safe_dump({"trainer": {"requests": [{"target": "Pop_Art"}, {"target": "Cubism"}]}}))
-    tuning = Tuning(validation=str(validation), min_ua=80.0, stop_below_min_ua=True,
+    tuning = Tuning(validation=str(validation), min_ua=80.0, stop_below_min_ua=True, measure_retention="last_request",
                     grid={"sequential": {"model.learning_rate": [1.0e-6, 1.0e-5, 2.0e-5]}})
     planned = plan([str(CONFIGS / "seq12.yaml")], {"conabl": str(methods)}, ["sequential"], [0],
                    tmp_path / "runs", tuning)
     runs = {tag(u): r for u, r in planned.tuning[("conabl", "sequential")]}
     assert {r.stop_below_ua for r in runs.values()} == {80.0}
     assert all(r.stop_below_ua is None for r in planned.reported)  # reported runs always run every request
+    # tuning candidates measure retention after their last request only; reported runs after every one
+    assert all("--trainer.measure_retention=last_request" in r.arguments() for r in runs.values())
+    assert all(r.measure_retention == "every_request" for r in planned.reported)
+    assert all("measure_retention" not in json.dumps(r.stamp()) for r in runs.values())
     _fake_metrics(runs["learning_rate1e-06"].run_dir, (10, 100, 99))  # stopped after request 1
     _fake_metrics(runs["learning_rate1e-05"].run_dir, (90, 60, 90), (85, 50, 85))
     _fake_metrics(runs["learning_rate2e-05"].run_dir, (99, 30, 80), (98, 20, 70))

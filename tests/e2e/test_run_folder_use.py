@@ -175,3 +175,27 @@ def test_stop_below_ua_ends_the_job_and_a_later_run_continues_it(tmp_path, tiny_
     assert run_cli("fit", "--config", str(no_eval), "--trainer.stop_below_ua", "85") == 2
     assert "stop_below_ua needs trainer.evaluation" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "run2").exists()
+
+
+def test_retention_measured_after_the_last_request_only(tmp_path, tiny_sd, cache_dir):
+    """``trainer.measure_retention: last_request`` samples only the erased concepts' prompts before the last
+    request (UA and drift, the same values as the full grid's), the whole grid after it and where
+    ``stop_below_ua`` ends the job; it is not part of the run identity, so a full run continues the folder."""
+    cfg = write_tiny_job(tmp_path / "job.yaml", tiny_sd, cache_dir, tmp_path / "full", requests=3)
+    assert run_cli("fit", "--config", str(cfg)) == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    lean_dir = tmp_path / "lean"
+    option = ("--trainer.measure_retention", "last_request")
+    assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={lean_dir}", *option) == 0
+    lean = json.loads((lean_dir / "metrics.json").read_text())
+    assert [sorted(k for k in ("RA_I", "RA_C") if k in r) for r in lean] == [[], [], ["RA_C", "RA_I"]]
+    assert [(r["UA"], r["drift"]) for r in lean] == [(r["UA"], r["drift"]) for r in full]
+    assert lean[-1] == full[-1]
+    assert not (lean_dir / "requests" / "01-Abstractionism" / "samples.png").exists()
+
+    stopped_dir = tmp_path / "stopped"
+    assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={stopped_dir}", *option,
+                   "--trainer.stop_below_ua", "100.1") == 0  # stops after request 1: retention measured there
+    assert json.loads((stopped_dir / "metrics.json").read_text()) == full[:1]
+    assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={stopped_dir}") == 0  # the same identity
+    assert json.loads((stopped_dir / "metrics.json").read_text()) == full
