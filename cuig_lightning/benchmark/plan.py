@@ -96,8 +96,10 @@ class Run:
         return True
 
     def stopped(self, rows: list[dict]) -> bool:
-        """Whether the job ended early by ``stop_below_ua``: a request's UA fell below it."""
-        return self.stop_below_ua is not None and any(row["UA"] < self.stop_below_ua for row in rows)
+        """Whether the job ended early by ``stop_below_ua``: a request's UA fell below it before the last one
+        (a run that has every row, e.g. one run before the rule, was not stopped)."""
+        return (self.stop_below_ua is not None and len(rows) < self.planned_stages()
+                and any(row["UA"] < self.stop_below_ua for row in rows))
 
     def planned_stages(self) -> int:
         """The metrics rows of the finished job: one per request, one for a simultaneous job. Read from the

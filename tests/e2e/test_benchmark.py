@@ -371,6 +371,9 @@ def test_a_candidate_below_the_floor_stops_there(tmp_path):
     assert "--trainer.stop_below_ua=85.0" in below.arguments() and "stop_below_ua" not in json.dumps(below.stamp())
     assert not any("stop_below_ua" in a for a in no_rule.arguments())
     assert below.stamp() == no_rule.stamp()  # the same folder: a later run without the rule completes it
+    whole = run("whole", 85.0)  # every request run (e.g. before the rule existed): finished, not stopped
+    (whole.run_dir / "metrics.json").write_text(rows(90.0, 84.9, 84.0))
+    assert whole.finished and not whole.stopped(load_rows(whole.run_dir))
 
 
 def test_stopped_candidates_in_the_tuning_report(tmp_path):
