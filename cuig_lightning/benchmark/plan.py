@@ -162,7 +162,10 @@ def load_rows(run_dir: Path) -> list[dict]:
     """A run's per-request metrics, each with ``erased``: the concepts erased so far (a simultaneous
     run's one request erases them all)."""
     path = run_dir / "metrics.json"
-    rows = json.loads(path.read_text()) if path.is_file() else []
+    try:
+        rows = json.loads(path.read_text()) if path.is_file() else []
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path} is not readable JSON ({err}); delete {run_dir} to rerun it") from None
     erased = 0
     for row in rows:
         erased += len(row["targets"].split())

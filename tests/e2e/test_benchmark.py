@@ -347,6 +347,18 @@ def test_a_stopped_run_is_resumed_not_reported(tmp_path):
     assert cut.finished and sim.finished and (cut.planned_stages(), sim.planned_stages()) == (2, 1)
 
 
+def test_a_corrupt_metrics_file_is_an_error_naming_it(tmp_path):
+    from cuig_lightning.benchmark.plan import Run
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"requests": [{"target": "A"}]}}))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{not json")
+    with pytest.raises(RunFolderError, match=r"run/metrics.json is not readable JSON .*delete .*run to rerun it"):
+        Run(("run",), tmp_path / "run", [str(config)], 0).finished
+    assert (tmp_path / "run" / "metrics.json").read_text() == "{not json"  # nothing is rewritten
+
+
 def test_a_candidate_below_the_floor_stops_there(tmp_path):
     """With ``stop_below_min_ua`` a tuning run is finished at its first request under the floor (the rule can no
     longer choose it); the option travels as ``--trainer.stop_below_ua`` but is not part of the run's stamp."""
