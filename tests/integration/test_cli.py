@@ -222,3 +222,10 @@ def test_instrument_with_a_missing_model_folder_writes_nothing(tmp_path, capsys)
                    "--output", str(tmp_path / "instrument.md")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"cuig: error: model folder {tmp_path / 'missing'} does not exist"
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_benchmark_with_no_jobs_is_an_error_before_anything_runs(tmp_path, capsys):
+    assert run_cli("benchmark", "--config", str(REPO / "configs" / "paper" / "main_table.yaml"), "--jobs", "0",
+                   "--output", str(tmp_path / "runs"), "--report", str(tmp_path / "report")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "cuig: error: jobs must be >= 1, got 0"
+    assert sorted(tmp_path.iterdir()) == []
