@@ -52,8 +52,6 @@ def benchmark(
         gradproj_ablation: also run the GradProj ablation ({AdamW, SGD} x C sources, one seed, with the
             key/value drift probe; :mod:`cuig_lightning.benchmark.ablation`) and report it in gradproj_ablation.md.
     """
-    if jobs < 1:  # execute() would wait forever for a free slot
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
     base = [base] if isinstance(base, str) else list(base)
     methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
     rows = rows or ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "gradproj_topk",

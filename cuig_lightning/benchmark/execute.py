@@ -16,6 +16,8 @@ def execute(runs: list[Run], fit: Callable[[list[str]], object], jobs: int = 1) 
     ``jobs == 1`` runs ``fit(arguments)`` in this process (errors propagate); otherwise each run is a
     ``python -m cuig_lightning fit`` process whose output goes to ``<run folder>.log``.
     """
+    if jobs < 1:  # no run could ever start
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     pending = [r for r in runs if not r.finished]
     running: dict[int, tuple[Run, subprocess.Popen]] = {}
     failed: list[Run] = []
