@@ -141,6 +141,8 @@ class Plan:
 
     Args:
         runs: every run.
+        first_seed_end: how many of ``runs`` make the first method's table for its first seed (its tuning
+            included): where runs that read beside that table (the GradProj ablation) are launched.
         tuning: (method, tuned row) -> its candidates (updates, as :func:`candidates` makes them) and their runs.
         reported: the main table's runs, keyed (method, row, seed).
         curve: (method, n, seed) -> the simultaneous run from θ0 on the first n reported targets (for n = all of
@@ -151,6 +153,7 @@ class Plan:
     """
 
     runs: list[Run]
+    first_seed_end: int
     tuning: dict[tuple[str, str], list[tuple[dict, Run]]]
     reported: list[Run]
     curve: dict[tuple[str, int, int], Run]
@@ -340,7 +343,7 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
 
         return Run(key, run_dir, [*base, str(tuned)], seed, needs, {str(tuned): write}, overrides)
 
-    runs, reported, curve = [], [], {}
+    runs, reported, curve, first_seed_end = [], [], {}, None
     for method in methods:
         runs += [run for (m, _), options in tuning_runs.items() if m == method for _, run in options]
         for seed in seeds:
@@ -357,4 +360,6 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
                 curve[(method, n, seed)] = row_run(method, SIMULTANEOUS, seed, ("simultaneous_n", method, n, seed),
                                                    run_dir, [first_n])
                 runs.append(curve[(method, n, seed)])
-    return Plan(runs, tuning_runs, reported, curve, chosen, settings)
+            first_seed_end = len(runs) if first_seed_end is None else first_seed_end
+    return Plan(runs, len(runs) if first_seed_end is None else first_seed_end, tuning_runs, reported, curve,
+                chosen, settings)

@@ -285,6 +285,12 @@ def test_main_table_plan_tunes_on_concepts_outside_the_reported_sequence(tmp_pat
     assert method_of == sorted(method_of, key=list(config["methods"]).index)
     conabl = [r for r, m in zip(runs, method_of) if m == "conabl"]
     assert [r.key[0] == "tuning" for r in conabl] == sorted((r.key[0] == "tuning" for r in conabl), reverse=True)
+    # ConAbl's one-seed table (its tuning first) comes before the GradProj ablation, which is read beside it
+    first = runs[: planned.first_seed_end]
+    assert [r for r in first if r.key[0] == "tuning"] == [r for r in conabl if r.key[0] == "tuning"]
+    assert {r.key for r in first if r.key[0] != "tuning"} == {
+        *(("conabl", row, 0) for row in config["rows"]),
+        *(("simultaneous_n", "conabl", n, 0) for n in config["simultaneous_n"][:-1])}
     assert all(r.stop_below_ua == tuning.min_ua for r in tuning_runs) and tuning.stop_below_min_ua
     assert config["simultaneous_n"] == [1, 2, 4, 8, 12] and config["seeds"] == [0, 1, 2]
     assert {"gradproj", "gradproj_topk", "merge_gradproj", "gradproj_selft"} <= set(config["rows"])
