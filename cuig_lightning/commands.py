@@ -31,6 +31,7 @@ def benchmark(
     jobs: int = 1,
     report_only: bool = False,
     gradproj_ablation: bool = False,
+    curve_seeds: int | None = None,
 ) -> None:
     """The paper's main table: tuning on a validation split, every row x method x seed (a `cuig fit` each), the report.
 
@@ -51,6 +52,8 @@ def benchmark(
         report_only: rebuild the report from the finished runs without training.
         gradproj_ablation: also run the GradProj ablation ({AdamW, SGD} x C sources, one seed, with the
             key/value drift probe; :mod:`cuig_lightning.benchmark.ablation`) and report it in gradproj_ablation.md.
+        curve_seeds: the reported and ablation runs' ``trainer.curve_seeds``: RA-I / RA-C between the first and
+            the last request from this many of the evaluation seeds (UA from all); None: all of them.
     """
     base = [base] if isinstance(base, str) else list(base)
     methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
@@ -59,7 +62,7 @@ def benchmark(
     try:
         run_benchmark(base, methods, rows, seeds or [0, 1, 2], output, report, tuning, jobs, report_only,
                       fit=lambda args: CuigCLI(args=args), simultaneous_n=simultaneous_n,
-                      gradproj_ablation=gradproj_ablation)
+                      gradproj_ablation=gradproj_ablation, curve_seeds=curve_seeds)
     except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
         print(f"cuig: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

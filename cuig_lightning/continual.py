@@ -50,6 +50,11 @@ class ContinualTrainer(L.Trainer):
             ``last_request`` (and at a ``stop_below_ua`` stop): before that only UA is sampled, the erased
             concepts' part of the grid (what a tuning candidate's rule reads, about 2.5x less evaluation over
             12 requests). Like ``stop_below_ua`` it changes nothing that is trained: not part of the run identity.
+        curve_seeds: with ``every_request``, RA-I / RA-C between the first and the last request from the first
+            ``curve_seeds`` evaluation seeds (metrics key ``RA_seeds``), UA still from every seed (the
+            matched-forgetting check reads it at every request): a 12-request run at about 75% of the
+            sampling with one seed of three. The first request (the similarity finding reads it) and the last
+            (the table) use every seed. None: every seed throughout. Not part of the run identity either.
         **kwargs: every ``lightning.Trainer`` argument, used for each stage's Trainer (``logger``: extra
             loggers beside the CSV / TensorBoard logs in ``run_dir/logs``; ``false``: no logs).
     """
@@ -65,6 +70,7 @@ class ContinualTrainer(L.Trainer):
         until_ua_every: int = 20,
         stop_below_ua: float | None = None,
         measure_retention: Literal["every_request", "last_request"] = "every_request",
+        curve_seeds: int | None = None,
         **kwargs: Any,
     ):
         if checkpoint_every < 1:
@@ -77,8 +83,11 @@ class ContinualTrainer(L.Trainer):
         if measure_retention not in ("every_request", "last_request"):
             raise ValueError("trainer.measure_retention must be every_request or last_request, "
                              f"got {measure_retention!r}")
+        if curve_seeds is not None and (evaluation is None or curve_seeds < 1):
+            raise ValueError("trainer.curve_seeds needs trainer.evaluation and must be >= 1, "
+                             f"got {curve_seeds}")
         self.until_ua, self.until_ua_every, self.stop_below_ua = until_ua, until_ua_every, stop_below_ua
-        self.measure_retention = measure_retention
+        self.measure_retention, self.curve_seeds = measure_retention, curve_seeds
         self.requests = list(requests or [])
         self.schedule = schedule
         self.run_dir = Path(run_dir)
@@ -189,18 +198,26 @@ class ContinualTrainer(L.Trainer):
         return weights, manifest
 
     def _evaluate(self, model, stage: Stage, trainer: L.Trainer, last: bool) -> dict:
-        """UA / RA-I / RA-C over every concept of this stage's domain erased so far, plus drift; UA alone
-        before the last request under ``measure_retention: last_request``, unless the job stops here."""
+        """UA / RA-I / RA-C over every concept of this stage's domain erased so far, plus drift; before the
+        last request, unless the job stops here, UA alone under ``measure_retention: last_request`` and RA-I /
+        RA-C from the first ``curve_seeds`` seeds after request 1."""
         t0 = time.time()
         model.to(trainer.strategy.root_device)
-        result = None
-        if self.measure_retention == "last_request" and not last:
-            ua = self.evaluation.unlearn_accuracy(model.diffusion, stage.erased, stage.domain)
+        result, samples, evaluation = None, stage.request_dir / SAMPLES, self.evaluation
+        fewer_seeds = self.curve_seeds is not None and stage.index > 0 and self.curve_seeds < len(evaluation.seeds)
+        if not last and (self.measure_retention == "last_request" or fewer_seeds):
+            ua = evaluation.unlearn_accuracy(model.diffusion, stage.erased, stage.domain)
             if self.stop_below_ua is None or ua >= self.stop_below_ua:
-                result = {"UA": ua}
+                if self.measure_retention == "last_request":
+                    result = {"UA": ua}
+                else:
+                    seeds = evaluation.seeds[: self.curve_seeds]
+                    curve = evaluation.evaluate(model.diffusion, stage.erased, stage.domain, samples, seeds)
+                    per_concept = {k: v for k, v in curve["per_concept"].items() if k != "unlearn"}  # UA's: all seeds
+                    result = {**curve, "UA": ua, "RA_seeds": len(seeds), "per_concept": per_concept}
         if result is None:  # the whole grid: every request, the last one, or where stop_below_ua ends the job
-            result = self.evaluation.evaluate(model.diffusion, stage.erased, stage.domain, stage.request_dir / SAMPLES)
-        metrics = {k: round(v, 3) for k, v in result.items() if k in ("UA", "RA_I", "RA_C")}
+            result = evaluation.evaluate(model.diffusion, stage.erased, stage.domain, samples)
+        metrics = {k: round(v, 3) for k, v in result.items() if k in ("UA", "RA_I", "RA_C", "RA_seeds")}
         metrics.update({k: round(v, 6) for k, v in drift(model.snapshot(), model.base_weights).items()})
         if "per_concept" in result:
             metrics["per_concept"] = result["per_concept"]

@@ -34,15 +34,16 @@ __all__ = ["Plan", "Run", "Tuning", "apply_updates", "candidates", "choose", "ex
 def run_benchmark(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[int], output: str,
                   report: str, tuning: Tuning | None = None, jobs: int = 1, report_only: bool = False,
                   fit: Callable[[list[str]], object] | None = None,
-                  simultaneous_n: list[int] | None = None, gradproj_ablation: bool = False) -> Path:
+                  simultaneous_n: list[int] | None = None, gradproj_ablation: bool = False,
+                  curve_seeds: int | None = None) -> Path:
     """Run every (method, row, seed) of the main table (after the tuning runs) and the simultaneous curve,
     then write the report.
 
     The arguments are those of ``cuig benchmark`` (:func:`cuig_lightning.commands.benchmark`, where they are
     documented), plus ``fit``, which runs one ``cuig fit`` in this process when ``jobs == 1``.
     """
-    planned = plan(base, methods, rows, seeds, Path(output), tuning, simultaneous_n)
-    ablation = gradproj_ablation_plan(base, Path(output)) if gradproj_ablation else []
+    planned = plan(base, methods, rows, seeds, Path(output), tuning, simultaneous_n, curve_seeds)
+    ablation = gradproj_ablation_plan(base, Path(output), curve_seeds) if gradproj_ablation else []
     # the ablation explains the first method's (ConAbl's) table: launched once that table has one seed
     cut = planned.first_seed_end
     failed = [] if report_only else execute(planned.runs[:cut] + ablation + planned.runs[cut:], fit, jobs)

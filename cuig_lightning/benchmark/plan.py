@@ -74,6 +74,8 @@ class Run:
     stop_below_ua: float | None = None
     # trainer.measure_retention; not part of the run's identity either
     measure_retention: str = "every_request"
+    # trainer.curve_seeds (RA-I / RA-C between the first and last request from fewer seeds); nor this
+    curve_seeds: int | None = None
     _finished: bool = field(default=False, init=False, repr=False)  # once true it stays true: polled every second
 
     @property
@@ -129,6 +131,8 @@ class Run:
         economy = [] if self.stop_below_ua is None else [f"--trainer.stop_below_ua={self.stop_below_ua}"]
         if self.measure_retention != "every_request":
             economy.append(f"--trainer.measure_retention={self.measure_retention}")
+        elif self.curve_seeds is not None:
+            economy.append(f"--trainer.curve_seeds={self.curve_seeds}")
         return ["fit", *itertools.chain.from_iterable(("--config", c) for c in self.all_configs()), *self.overrides,
                 *economy, f"--trainer.run_dir={self.run_dir}", f"--seed_everything={self.seed}", f"--data.seed={self.seed}"]
 
@@ -272,10 +276,12 @@ def _write_yaml(data: dict, path: Path) -> Path:
 
 
 def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[int], output: Path,
-         tuning: Tuning | None = None, simultaneous_n: list[int] | None = None) -> Plan:
+         tuning: Tuning | None = None, simultaneous_n: list[int] | None = None,
+         curve_seeds: int | None = None) -> Plan:
     """The tuning runs of every tuned row (and of the parts of combined rows), the reported runs of every
     (method, row, seed), and for each n in ``simultaneous_n`` a simultaneous run per (method, seed) on the
-    first n targets of the base configs' ``trainer.requests``."""
+    first n targets of the base configs' ``trainer.requests``. ``curve_seeds``: the reported runs'
+    ``trainer.curve_seeds``."""
     grid, combine = (tuning.grid, tuning.combine) if tuning else ({}, {})
     simultaneous_n = simultaneous_n or []
     needed = list(dict.fromkeys([*rows, *([SIMULTANEOUS] if simultaneous_n else [])]))
@@ -334,14 +340,16 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
         """A run of the row's overlay; with its tuned values when it is tuned or combines tuned rows."""
         sources = [s for s in [*combine.get(row, []), row] if (method, s) in tuning_runs]
         if not sources:
-            return Run(key, run_dir, [*base, str(overlays[(method, row)][0])], seed, overrides=overrides)
+            return Run(key, run_dir, [*base, str(overlays[(method, row)][0])], seed, overrides=overrides,
+                       curve_seeds=curve_seeds)
         tuned = output / method / row / "tuned.yaml"
         needs = [r for s in sources for _, r in tuning_runs[(method, s)]]
 
         def write() -> dict:
             return apply_updates(overlays[(method, row)][1], settings(method, row))
 
-        return Run(key, run_dir, [*base, str(tuned)], seed, needs, {str(tuned): write}, overrides)
+        return Run(key, run_dir, [*base, str(tuned)], seed, needs, {str(tuned): write}, overrides,
+                   curve_seeds=curve_seeds)
 
     runs, reported, curve, first_seed_end = [], [], {}, None
     for method in methods:

@@ -177,10 +177,11 @@ class Evaluation:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, model: DiffusionModel, pairs: list[tuple[str, str]]) -> torch.Tensor:
+    def generate(self, model: DiffusionModel, pairs: list[tuple[str, str]],
+                 seeds: list[int] | None = None) -> torch.Tensor:
         """Images in [0, 1] as the classifiers read them (:meth:`CanvasClassifiers.prepare`: SD's 512x512
         images are shrunk batch by batch, so a 5-seed grid fits in memory), seed-major then pair, one per
-        (seed, pair).
+        (seed, pair); ``seeds``: these instead of :attr:`seeds` (a seed's images do not depend on the others).
 
         Each image's starting noise is drawn as it always was: one generator per seed, drawn from in chunks
         of ``batch_size`` prompts in order. UnlearnCanvas' grid is then sampled ``batch_size`` (seed, prompt)
@@ -193,14 +194,15 @@ class Evaluation:
         model.unet.eval()
         cond_all = model.encode_text([caption(s, o) for s, o in pairs]).to(device)
         uncond = model.encode_text([""]).to(device)
-        noise = torch.cat([self._seed_noise(seed, len(pairs), model.latent_shape) for seed in self.seeds])
-        pair_index = torch.arange(len(pairs)).repeat(len(self.seeds))  # job j: seed j // len(pairs), pair_index[j]
+        seeds = self.seeds if seeds is None else seeds
+        noise = torch.cat([self._seed_noise(seed, len(pairs), model.latent_shape) for seed in seeds])
+        pair_index = torch.arange(len(pairs)).repeat(len(seeds))  # job j: seed j // len(pairs), pair_index[j]
         jobs = torch.arange(len(noise))
         groups = jobs.split(len(pairs)) if self.classifier_kind == "canvas-mini" else [jobs]
         batches = [batch for group in groups for batch in group.split(self.batch_size)]
         images = []
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            for batch in progress(batches, f"evaluation ({len(pairs)} prompts x {len(self.seeds)} seeds)"):
+            for batch in progress(batches, f"evaluation ({len(pairs)} prompts x {len(seeds)} seeds)"):
                 scheduler = ddim_scheduler(model.scheduler, self.steps)
                 cond = cond_all[pair_index[batch].to(device)]
                 latents = ddim_cfg(model.unet, scheduler, noise[batch].to(device), cond, uncond, self.guidance)[0]
@@ -226,13 +228,16 @@ class Evaluation:
         return [(s, o) for s in self.retain["style"] for o in erased + self.retain["object"]]
 
     # ------------------------------------------------------------------ metrics
-    def evaluate(self, model: DiffusionModel, erased: list[str], domain: str, sample_path: Path | None = None) -> dict:
-        """UA / RA-I / RA-C (percent) of the model with ``erased`` concepts (all of one domain)."""
+    def evaluate(self, model: DiffusionModel, erased: list[str], domain: str, sample_path: Path | None = None,
+                 seeds: list[int] | None = None) -> dict:
+        """UA / RA-I / RA-C (percent) of the model with ``erased`` concepts (all of one domain), from
+        ``seeds`` (default: :attr:`seeds`)."""
         clf = self.classifiers_for(model)
         pairs = self.grid(erased, domain)
-        images = self.generate(model, pairs)
+        seeds = self.seeds if seeds is None else seeds
+        images = self.generate(model, pairs, seeds)
         pred_style, pred_object = clf.predict(images)
-        n = len(self.seeds)
+        n = len(seeds)
         prompt_style = torch.tensor([clf.styles.index(s) for s, _ in pairs] * n)
         prompt_object = torch.tensor([clf.objects.index(o) for _, o in pairs] * n)
         other = "object" if domain == "style" else "style"

@@ -9,6 +9,11 @@ from pathlib import Path
 from cuig_lightning.checkpoints import atomic_write, write_json
 
 COLUMNS = ["request", "targets", "steps", "UA", "RA_I", "RA_C", "drift", "drift_rel"]
+OPTIONAL_COLUMNS = ["RA_seeds"]  # shown when a row has it (trainer.curve_seeds: RA from fewer seeds there)
+
+
+def columns(rows: list[dict]) -> list[str]:
+    return COLUMNS + [c for c in OPTIONAL_COLUMNS if any(c in r for r in rows)]
 
 
 def _fmt(value) -> str:
@@ -18,8 +23,9 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in COLUMNS) + " |" for r in rows]
+    shown = columns(rows)
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -27,7 +33,7 @@ def write_report(run_dir: Path, rows: list[dict]) -> str:
     """Write metrics.json, metrics.csv and metrics.png under ``run_dir``; return the markdown table."""
     write_json(rows, run_dir / "metrics.json")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(run_dir / "metrics.csv", lambda tmp: Path(tmp).write_text(buffer.getvalue()))

@@ -403,7 +403,7 @@ def test_stopped_candidates_in_the_tuning_report(tmp_path):
     tuning = Tuning(validation=str(validation), min_ua=80.0, stop_below_min_ua=True, measure_retention="last_request",
                     grid={"sequential": {"model.learning_rate": [1.0e-6, 1.0e-5, 2.0e-5]}})
     planned = plan([str(CONFIGS / "seq12.yaml")], {"conabl": str(methods)}, ["sequential"], [0],
-                   tmp_path / "runs", tuning)
+                   tmp_path / "runs", tuning, curve_seeds=1)
     runs = {tag(u): r for u, r in planned.tuning[("conabl", "sequential")]}
     assert {r.stop_below_ua for r in runs.values()} == {80.0}
     assert all(r.stop_below_ua is None for r in planned.reported)  # reported runs always run every request
@@ -414,6 +414,10 @@ def test_stopped_candidates_in_the_tuning_report(tmp_path):
     _fake_metrics(runs["learning_rate1e-06"].run_dir, (10, 100, 99))  # stopped after request 1
     _fake_metrics(runs["learning_rate1e-05"].run_dir, (90, 60, 90), (85, 50, 85))
     _fake_metrics(runs["learning_rate2e-05"].run_dir, (99, 30, 80), (98, 20, 70))
+    # fewer seeds in the reported runs' curves only (a candidate's curve is UA alone), not in their stamps
+    assert all("--trainer.curve_seeds=1" in r.arguments() for r in planned.reported)
+    assert not any("curve_seeds" in " ".join(r.arguments()) for r in runs.values())
+    assert all("curve_seeds" not in json.dumps(r.stamp()) for r in planned.reported)
     out = tmp_path / "report"
     out.mkdir()
     write_tuning_report(planned, tuning, out)

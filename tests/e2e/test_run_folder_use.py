@@ -158,6 +158,32 @@ def test_long_steps_show_progress_and_the_bar_names_the_request(tmp_path, tiny_s
     assert "litlogger" not in out and "v_num" not in out
 
 
+def test_curve_seeds_measure_retention_between_first_and_last_request_from_fewer_seeds(tmp_path, tiny_sd, cache_dir,
+                                                                                       capsys):
+    """``trainer.curve_seeds: 1`` with two evaluation seeds: requests 1 and 3 as the full evaluation, request 2's
+    UA and drift as the full one's, its RA-I / RA-C as a one-seed evaluation's (marked ``RA_seeds``); the same
+    run identity as without it."""
+    cfg = write_tiny_job(tmp_path / "job.yaml", tiny_sd, cache_dir, tmp_path / "full", requests=3)
+    two_seeds = ("--trainer.evaluation.seeds", "[188, 288]")
+    assert run_cli("fit", "--config", str(cfg), *two_seeds) == 0
+    assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={tmp_path / 'one'}") == 0  # seed 188 alone
+    curve_dir = tmp_path / "curve"
+    assert run_cli("fit", "--config", str(cfg), *two_seeds, f"--trainer.run_dir={curve_dir}",
+                   "--trainer.curve_seeds", "1") == 0
+    full, one, curve = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "one", "curve"))
+    assert curve[0] == full[0] and curve[2] == full[2]
+    assert (curve[1]["UA"], curve[1]["drift"]) == (full[1]["UA"], full[1]["drift"])
+    assert (curve[1]["RA_I"], curve[1]["RA_C"], curve[1]["RA_seeds"]) == (one[1]["RA_I"], one[1]["RA_C"], 1)
+    assert "unlearn" not in curve[1]["per_concept"]  # request 2's per-concept UA would be one seed's
+    assert (curve_dir / "metrics.csv").read_text().splitlines()[0].endswith(",RA_seeds")
+    assert run_cli("fit", "--config", str(cfg), *two_seeds, f"--trainer.run_dir={curve_dir}") == 0  # same identity
+    capsys.readouterr()
+    assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={tmp_path / 'bad'}",
+                   "--trainer.curve_seeds", "0") == 2
+    assert "curve_seeds needs trainer.evaluation and must be >= 1" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_stop_below_ua_ends_the_job_and_a_later_run_continues_it(tmp_path, tiny_sd, cache_dir, capsys):
     """``trainer.stop_below_ua`` ends the job after a request under it; it is not part of the run's identity,
     so the same config without it continues the sequence where the stopped job ended."""
