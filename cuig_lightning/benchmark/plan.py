@@ -368,6 +368,7 @@ def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[
                 curve[(method, n, seed)] = row_run(method, SIMULTANEOUS, seed, ("simultaneous_n", method, n, seed),
                                                    run_dir, [first_n])
                 runs.append(curve[(method, n, seed)])
-            first_seed_end = len(runs) if first_seed_end is None else first_seed_end
+            if first_seed_end is None:
+                first_seed_end = len(runs)
     return Plan(runs, len(runs) if first_seed_end is None else first_seed_end, tuning_runs, reported, curve,
                 chosen, settings)
