@@ -167,8 +167,8 @@ def simultaneous_curve(plan: Plan) -> dict[str, dict[int, list[dict]]]:
     ``seed`` and ``cap`` (its ``trainer.max_steps``; ``steps`` is where it stopped)."""
     curve: dict[str, dict[int, list[dict]]] = {}
     for (method, n, seed), run in sorted(plan.curve.items(), key=lambda item: item[0][1:]):  # by n, then seed
-        rows = load_rows(run.run_dir)
-        if rows:
+        if run.finished:
+            rows = load_rows(run.run_dir)
             cap = saved_config(run.run_dir)["trainer"]["max_steps"]
             curve.setdefault(method, {}).setdefault(n, []).append({**rows[-1], "seed": seed, "cap": cap})
     return curve
@@ -190,10 +190,11 @@ def write_benchmark_report(plan: Plan, out: Path, base: list[str], min_ua: float
     import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
-    results = {run.key: load_rows(run.run_dir) for run in plan.reported}
+    # only finished runs: an interrupted job's metrics.json holds its first requests, not the row's final ones
+    results = {run.key: load_rows(run.run_dir) for run in plan.reported if run.finished}
     by_n = simultaneous_curve(plan)
-    methods = list(dict.fromkeys([*(m for m, _, _ in results), *by_n]))
-    rows = list(dict.fromkeys(r for _, r, _ in results))
+    methods = list(dict.fromkeys([*(run.key[0] for run in plan.reported), *by_n]))
+    rows = list(dict.fromkeys(run.key[1] for run in plan.reported))  # unfinished rows too: shown as dashes
 
     def curves(method: str, row: str) -> list[list[dict]]:
         return [res for (m, r, _), res in results.items() if m == method and r == row and res]
@@ -242,7 +243,7 @@ def write_benchmark_report(plan: Plan, out: Path, base: list[str], min_ua: float
     )
     labelled = [*((m, r, s, res) for (m, r, s), res in results.items()),
                 *((m, f"{SIMULTANEOUS}_n{n}", s, load_rows(run.run_dir)) for (m, n, s), run in plan.curve.items()
-                  if run not in plan.reported)]
+                  if run not in plan.reported and run.finished)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["method", "row", "seed", "request", "targets", "steps", *METRICS, "drift", "drift_rel"])

@@ -427,3 +427,28 @@ def test_stopped_candidates_in_the_tuning_report(tmp_path):
     points = {p["candidate"]: p for p in json.loads((out / "tradeoff.json").read_text())["conabl"]["sequential"]}
     assert points["learning_rate1e-06"]["stopped"] and points["learning_rate1e-06"]["requests"] == 1
     assert points["learning_rate1e-05"]["chosen"] and not points["learning_rate2e-05"]["stopped"]
+
+
+def test_the_report_counts_finished_runs_only(tmp_path):
+    """An interrupted run's metrics.json holds its first requests: the table, curves and csv leave it out
+    (it resumes), so a row's seeds and final numbers come from finished runs alone."""
+    from cuig_lightning.benchmark import write_benchmark_report
+
+    base = tmp_path / "base.yaml"
+    config = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())
+    config["trainer"]["requests"] = config["trainer"]["requests"][:2]
+    base.write_text(yaml.safe_dump(config))
+    planned = plan([str(base)], {"conabl": str(CONFIGS / "canvas_mini")}, ["sequential", "l2"], [0, 1],
+                   tmp_path / "runs", simultaneous_n=[])
+    runs = {run.key: run for run in planned.reported}
+    _fake_metrics(runs[("conabl", "sequential", 0)].run_dir, (100, 90, 95), (99, 60, 80))  # whole
+    _fake_metrics(runs[("conabl", "sequential", 1)].run_dir, (100, 10, 10))  # interrupted after request 1
+    _fake_metrics(runs[("conabl", "l2", 0)].run_dir, (100, 50, 50))  # interrupted
+    out = write_benchmark_report(planned, tmp_path / "report", [str(base)], min_ua=85.0).parent
+    table = (out / "main_table.md").read_text()
+    assert "| conabl | sequential | 1 | 99.0 ± 0.0 | 60.0 ± 0.0 | 80.0 ± 0.0 | 99.0 | yes |" in table
+    assert "| conabl | l2 | 0 | – | – | – | – | – |" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["rows"]) == {"conabl/sequential"}
+    csv_rows = (out / "per_request.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:4] for r in csv_rows] == [["conabl", "sequential", "0", "1"], ["conabl", "sequential", "0", "2"]]
