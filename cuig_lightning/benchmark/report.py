@@ -197,7 +197,7 @@ def write_benchmark_report(plan: Plan, out: Path, base: list[str], min_ua: float
     rows = list(dict.fromkeys(run.key[1] for run in plan.reported))  # unfinished rows too: shown as dashes
 
     def curves(method: str, row: str) -> list[list[dict]]:
-        return [res for (m, r, _), res in results.items() if m == method and r == row and res]
+        return [res for (m, r, _), res in results.items() if m == method and r == row]  # finished runs: never empty
 
     matched_head = f" worst UA | UA ≥ {min_ua:g} throughout |" if min_ua is not None else ""
     lines = [f"| method | row | seeds | UA | RA-I | RA-C |{matched_head} drift (rel) | RA-I < 50 first at | "
