@@ -43,7 +43,7 @@ def run_benchmark(base: list[str], methods: dict[str, str], rows: list[str], see
     documented), plus ``fit``, which runs one ``cuig fit`` in this process when ``jobs == 1``.
     """
     planned = plan(base, methods, rows, seeds, Path(output), tuning, simultaneous_n, curve_seeds)
-    ablation = gradproj_ablation_plan(base, Path(output), curve_seeds) if gradproj_ablation else []
+    ablation = gradproj_ablation_plan(base, Path(output)) if gradproj_ablation else []
     # the ablation explains the first method's (ConAbl's) table: launched once that table has one seed
     cut = planned.first_seed_end
     failed = [] if report_only else execute(planned.runs[:cut] + ablation + planned.runs[cut:], fit, jobs)

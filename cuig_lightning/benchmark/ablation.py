@@ -37,12 +37,14 @@ def gradproj_ablation_runs(base: list[str], config_dir: str | Path = CONFIG_DIR)
     return {cell: [*map(str, base), str(Path(config_dir) / f"{cell}.yaml")] for cell in CELLS}
 
 
-def gradproj_ablation_plan(base: list[str], runs_dir: Path, curve_seeds: int | None = None) -> list:
-    """The ablation's runs for the benchmark's executor: one per cell, one seed, on the benchmark's ``base``
-    (``curve_seeds``: their ``trainer.curve_seeds``, as the table's runs)."""
+def gradproj_ablation_plan(base: list[str], runs_dir: Path) -> list:
+    """The ablation's runs for the benchmark's executor: one per cell, one seed, on the benchmark's ``base``.
+    The report reads RA-I / RA-C after the last request only (and the probe at every step), so the cells
+    measure retention there alone (``trainer.measure_retention: last_request``; UA after every request)."""
     from cuig_lightning.benchmark.plan import Run
 
-    return [Run((ABLATION, cell, SEED), gradproj_ablation_dir(runs_dir, cell), configs, SEED, curve_seeds=curve_seeds)
+    return [Run((ABLATION, cell, SEED), gradproj_ablation_dir(runs_dir, cell), configs, SEED,
+                measure_retention="last_request")
             for cell, configs in gradproj_ablation_runs(base).items()]
 
 

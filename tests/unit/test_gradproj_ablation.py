@@ -187,3 +187,5 @@ def test_the_benchmark_plans_one_ablation_run_per_cell(tmp_path):
     for run in runs:  # the benchmark's base configs, then the cell's own overlay, in its own folder
         assert run.configs[:2] == base and run.configs[-1].endswith(f"{run.key[1]}.yaml")
         assert run.run_dir == gradproj_ablation_dir(tmp_path, run.key[1])
+        # the report reads retention after the last request only: the job measures it there alone
+        assert "--trainer.measure_retention=last_request" in run.arguments()
