@@ -104,16 +104,23 @@ class Run:
                 and any(row["UA"] < self.stop_below_ua for row in rows))
 
     def planned_stages(self) -> int:
-        """The metrics rows of the finished job: one per request, one for a simultaneous job. Read from the
-        config files in order (a later file's ``trainer`` keys win, as in ``cuig fit``) and the overrides."""
+        """The metrics rows of the finished job: one per request, one for a simultaneous job."""
+        trainer = self.trainer_settings()
+        return 1 if trainer.get("schedule") == "simultaneous" else len(trainer.get("requests") or [])
+
+    def trainer_settings(self) -> dict:
+        """The job's top-level ``trainer`` keys, read from the config files in order (a later file's keys win, as
+        in ``cuig fit``) and the ``--trainer.KEY=`` overrides — not from the run folder's job.json, which a
+        clone of the results does not have."""
         trainer: dict = {}
         for config in self.configs:
-            if Path(config).is_file():  # a tuned overlay is written at launch; it never sets the requests
+            if Path(config).is_file():  # a tuned overlay is written at launch; it never sets trainer keys
                 trainer.update((yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {})
         for option in self.overrides:
-            if option.startswith("--trainer.requests="):
-                trainer["requests"] = yaml.safe_load(option.split("=", 1)[1])
-        return 1 if trainer.get("schedule") == "simultaneous" else len(trainer.get("requests") or [])
+            key, _, value = option.partition("=")
+            if key.startswith("--trainer.") and "." not in key[len("--trainer."):]:
+                trainer[key[len("--trainer."):]] = yaml.safe_load(value)
+        return trainer
 
     def all_configs(self) -> list[str]:
         """The config files, after writing those this run writes."""

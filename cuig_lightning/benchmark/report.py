@@ -12,7 +12,6 @@ from pathlib import Path
 
 from cuig_lightning.benchmark.plan import (METRICS, REFERENCE, SIMULTANEOUS, Plan, Tuning, base_value, load_rows, tag,
                                            worst_ua)
-from cuig_lightning.run_folder import saved_config
 
 PAPER = {  # the paper's main result (ConAbl, approximate)
     "sequential": (95, 20, 30), "simultaneous": (90, 70, 85), "l2": (92, 40, 75), "selft": (93, 35, 70),
@@ -169,7 +168,7 @@ def simultaneous_curve(plan: Plan) -> dict[str, dict[int, list[dict]]]:
     for (method, n, seed), run in sorted(plan.curve.items(), key=lambda item: item[0][1:]):  # by n, then seed
         if run.finished:
             rows = load_rows(run.run_dir)
-            cap = saved_config(run.run_dir)["trainer"]["max_steps"]
+            cap = run.trainer_settings()["max_steps"]
             curve.setdefault(method, {}).setdefault(n, []).append({**rows[-1], "seed": seed, "cap": cap})
     return curve
 

@@ -223,6 +223,14 @@ def test_short_benchmark_writes_table_and_plots(tmp_path, tiny_sd, cache_dir):
     run_benchmark(**kwargs, report_only=True)
     assert all((report / name).is_file() for name in ("main_table.md", "tradeoff.png", "tradeoff.json", "curves.png"))
     assert {p: p.stat().st_mtime_ns for p in output.rglob("metrics.json")} == stamps
+    # ... and from a clone of the repository, whose run folders keep only what .gitignore lets in (no job.json)
+    clone = tmp_path / "clone"
+    for kept in (*output.rglob("metrics.json"), *output.rglob("*.yaml")):
+        (clone / kept.relative_to(output)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(kept, clone / kept.relative_to(output))
+    run_benchmark(**{**kwargs, "output": str(clone), "report": str(tmp_path / "clone_report")}, report_only=True)
+    for name in ("main_table.md", "per_request.csv", "tuning.md"):
+        assert (tmp_path / "clone_report" / name).read_text() == (report / name).read_text(), name
 
     # a finished run is reused only while its configs are unchanged; otherwise one error, nothing touched
     before = tree_digest(output)
