@@ -5,10 +5,12 @@ ablation's config cells parse and one runs through ``cuig fit``."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader
 
 from callbacks import GradientProjection, KeyValueDrift
@@ -125,11 +127,23 @@ def test_ablation_cells_parse(capsys, cell):
 
 def test_an_ablation_cell_runs_through_cuig_fit(tmp_path, tiny_sd, cache_dir):
     smoke = write_smoke_overlay(tmp_path, tiny_sd, cache_dir, max_steps=2)
+    evaluation = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["evaluation"]
+    evaluated = tmp_path / "evaluated.yaml"  # a tiny evaluation: the report reads the runs' metrics rows
+    evaluated.write_text(yaml.safe_dump({"trainer": {"evaluation": {
+        **evaluation, "seeds": [188], "steps": 2, "batch_size": 256,
+        "retain_styles": evaluation["retain_styles"][:2], "retain_objects": evaluation["retain_objects"][:2]}}}))
     cell = REPO / CONFIG_DIR / "sgd-bare_names.yaml"
-    assert run_cli("fit", "--config", str(CONFIGS / "seq12.yaml"), "--config", str(cell), "--config", str(smoke)) == 0
+    assert run_cli("fit", "--config", str(CONFIGS / "seq12.yaml"), "--config", str(cell), "--config", str(smoke),
+                   "--config", str(evaluated)) == 0
     folders = sorted((tmp_path / "run" / "requests").glob("*"))
     assert len(folders) == 2
     for folder in folders:
         probe = json.loads((folder / "kv_drift.json").read_text())
         assert (probe["optimizer"], probe["c_source"], probe["series"]["step"]) == ("SGD", "bare_names", [1, 2])
         assert "kv_drift.json" in json.loads((folder / "manifest.json").read_text())["files"]
+    # the benchmark's report reads this real run as its cell (the folder where the benchmark would put it)
+    from cuig_lightning.benchmark.ablation import gradproj_ablation_dir, write_gradproj_ablation
+
+    shutil.copytree(tmp_path / "run", gradproj_ablation_dir(tmp_path / "runs", "sgd-bare_names"))
+    text = write_gradproj_ablation(tmp_path / "runs", tmp_path / "report").read_text()
+    assert "| sgd-bare_names | SGD | bare_names | 1 | 2 |" in text
