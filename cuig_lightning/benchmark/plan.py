@@ -114,7 +114,7 @@ class Run:
         clone of the results does not have."""
         trainer: dict = {}
         for config in self.configs:
-            if Path(config).is_file():  # a tuned overlay is written at launch; it never sets trainer keys
+            if Path(config).is_file():  # a tuned overlay is written at launch: before that its run cannot be finished
                 trainer.update((yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {})
         for option in self.overrides:
             key, _, value = option.partition("=")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from callbacks import GradientProjection, KeyValueDrift
 from callbacks.gradient_projection import bare_name_embeddings
-from cuig_lightning.benchmark.ablation import CELLS, CONFIG_DIR
+from cuig_lightning.benchmark.ablation import CELLS, CONFIG_DIR, gradproj_ablation_dir, write_gradproj_ablation
 from cuig_lightning.module import UnlearningModule
 from cuig_lightning.requests import Request, Stage
 from tests.helpers import CONFIGS, REPO, printed_config, run_cli, write_smoke_overlay
@@ -142,8 +142,6 @@ def test_an_ablation_cell_runs_through_cuig_fit(tmp_path, tiny_sd, cache_dir):
         assert (probe["optimizer"], probe["c_source"], probe["series"]["step"]) == ("SGD", "bare_names", [1, 2])
         assert "kv_drift.json" in json.loads((folder / "manifest.json").read_text())["files"]
     # the benchmark's report reads this real run as its cell (the folder where the benchmark would put it)
-    from cuig_lightning.benchmark.ablation import gradproj_ablation_dir, write_gradproj_ablation
-
     shutil.copytree(tmp_path / "run", gradproj_ablation_dir(tmp_path / "runs", "sgd-bare_names"))
     text = write_gradproj_ablation(tmp_path / "runs", tmp_path / "report").read_text()
     assert "| sgd-bare_names | SGD | bare_names | 1 | 2 |" in text
