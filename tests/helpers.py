@@ -69,6 +69,15 @@ def printed_config(capsys, *configs: Path) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
+def tiny_evaluation(concepts: int = 3) -> dict:
+    """``configs/seq12.yaml``'s evaluation shrunk for the tiny model: one seed, 2 DDIM steps, the first ``concepts``
+    retained styles and objects."""
+    evaluation = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["evaluation"]
+    return {**evaluation, "seeds": [188], "steps": 2, "batch_size": 256,
+            "retain_styles": evaluation["retain_styles"][:concepts],
+            "retain_objects": evaluation["retain_objects"][:concepts]}
+
+
 def write_smoke_overlay(tmp_path: Path, model_path: Path, cache_dir: Path, max_steps: int = 2) -> Path:
     """A config overlay that shrinks a shipped job to two tiny requests on ``model_path``, without evaluation."""
     smoke = tmp_path / "smoke.yaml"

@@ -18,7 +18,7 @@ from callbacks.gradient_projection import bare_name_embeddings
 from cuig_lightning.benchmark.ablation import CELLS, CONFIG_DIR, gradproj_ablation_dir, write_gradproj_ablation
 from cuig_lightning.module import UnlearningModule
 from cuig_lightning.requests import Request, Stage
-from tests.helpers import CONFIGS, REPO, printed_config, run_cli, write_smoke_overlay
+from tests.helpers import CONFIGS, REPO, printed_config, run_cli, tiny_evaluation, write_smoke_overlay
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers"),
@@ -127,11 +127,8 @@ def test_ablation_cells_parse(capsys, cell):
 
 def test_an_ablation_cell_runs_through_cuig_fit(tmp_path, tiny_sd, cache_dir):
     smoke = write_smoke_overlay(tmp_path, tiny_sd, cache_dir, max_steps=2)
-    evaluation = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["evaluation"]
     evaluated = tmp_path / "evaluated.yaml"  # a tiny evaluation: the report reads the runs' metrics rows
-    evaluated.write_text(yaml.safe_dump({"trainer": {"evaluation": {
-        **evaluation, "seeds": [188], "steps": 2, "batch_size": 256,
-        "retain_styles": evaluation["retain_styles"][:2], "retain_objects": evaluation["retain_objects"][:2]}}}))
+    evaluated.write_text(yaml.safe_dump({"trainer": {"evaluation": tiny_evaluation(2)}}))
     cell = REPO / CONFIG_DIR / "sgd-bare_names.yaml"
     assert run_cli("fit", "--config", str(CONFIGS / "seq12.yaml"), "--config", str(cell), "--config", str(smoke),
                    "--config", str(evaluated)) == 0
