@@ -117,9 +117,10 @@ class Run:
             if Path(config).is_file():  # a tuned overlay is written at launch: before that its run cannot be finished
                 trainer.update((yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {})
         for option in self.overrides:
-            key, _, value = option.partition("=")
-            if key.startswith("--trainer.") and "." not in key[len("--trainer."):]:
-                trainer[key[len("--trainer."):]] = yaml.safe_load(value)
+            option_key, _, value = option.partition("=")
+            key = option_key.removeprefix("--trainer.")
+            if key != option_key and "." not in key:  # a top-level trainer key, not a nested one
+                trainer[key] = yaml.safe_load(value)
         return trainer
 
     def all_configs(self) -> list[str]:
