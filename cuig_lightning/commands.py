@@ -18,6 +18,9 @@ from cuig_lightning.canvas_mini.instrument import instrument
 from cuig_lightning.lightning_cli import CuigCLI
 from cuig_lightning.speed import speed
 
+MAIN_TABLE_ROWS = ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "gradproj_topk",
+                   "merge_gradproj", "gradproj_selft"]
+
 
 def benchmark(
     base: str | list[str] = "configs/seq12.yaml",
@@ -38,7 +41,8 @@ def benchmark(
     Args:
         base: the job config(s) every run starts from, in order (tuning runs included).
         methods: method name -> folder holding one overlay YAML per row.
-        rows: row names (overlay file stems), in table order.
+        rows: row names (overlay file stems), in table order (None: all ten; ``[]``: none, e.g. the
+            simultaneous curve alone).
         seeds: seeds (``seed_everything`` and ``data.seed``).
         simultaneous_n: the simultaneous curve: for each n, a run of the ``simultaneous`` overlay from θ0 on the
             first n requests of ``base`` per method and seed (``output/METHOD/simultaneous_n/nN/seedS``; for n =
@@ -57,8 +61,7 @@ def benchmark(
     """
     base = [base] if isinstance(base, str) else list(base)
     methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
-    rows = rows or ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "gradproj_topk",
-                    "merge_gradproj", "gradproj_selft"]
+    rows = MAIN_TABLE_ROWS if rows is None else rows
     try:
         run_benchmark(base, methods, rows, seeds or [0, 1, 2], output, report, tuning, jobs, report_only,
                       fit=lambda args: CuigCLI(args=args), simultaneous_n=simultaneous_n,

@@ -229,3 +229,16 @@ def test_benchmark_with_no_jobs_is_an_error_before_anything_runs(tmp_path, capsy
                    "--output", str(tmp_path / "runs"), "--report", str(tmp_path / "report")) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "cuig: error: jobs must be >= 1, got 0"
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_benchmark_rows_none_is_the_whole_table_and_empty_is_none(monkeypatch):
+    """`--rows '[]'` plans no rows (e.g. the simultaneous curve alone); it used to mean all ten."""
+    from cuig_lightning import commands
+
+    planned = []
+    monkeypatch.setattr(commands, "run_benchmark", lambda base, methods, rows, *args, **kwargs: planned.append(rows))
+    commands.benchmark()
+    commands.benchmark(rows=[])
+    commands.benchmark(rows=["simultaneous"])
+    assert planned == [commands.MAIN_TABLE_ROWS, [], ["simultaneous"]]
+    assert len(commands.MAIN_TABLE_ROWS) == 10
