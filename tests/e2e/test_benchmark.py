@@ -144,6 +144,10 @@ def test_simultaneous_curve_plan_cuts_the_reported_sequence(tmp_path):
     for bad in ([0], [13]):
         with pytest.raises(ValueError, match="simultaneous_n"):
             plan([str(CONFIGS / "seq12.yaml")], methods, ["simultaneous"], [0], tmp_path, simultaneous_n=bad)
+    # no rows: the curve alone, its n = 12 as a curve run of its own
+    curve_only = plan([str(CONFIGS / "seq12.yaml")], methods, [], [0], tmp_path, simultaneous_n=[1, 12])
+    assert not list(curve_only.reported)
+    assert [run.key for run in curve_only.runs] == [("simultaneous_n", "conabl", n, 0) for n in (1, 12)]
 
 
 def _tiny_base(tmp_path: Path, tiny_sd: Path, cache_dir: Path, requests: int = 3) -> Path:
