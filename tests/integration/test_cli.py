@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from cuig_lightning import commands
 from tests.helpers import REPO, run_cli, tree_digest
 
 
@@ -233,8 +234,6 @@ def test_benchmark_with_no_jobs_is_an_error_before_anything_runs(tmp_path, capsy
 
 def test_benchmark_rows_none_is_the_whole_table_and_empty_is_none(monkeypatch):
     """`--rows '[]'` plans no rows (e.g. the simultaneous curve alone); it used to mean all ten."""
-    from cuig_lightning import commands
-
     planned = []
     monkeypatch.setattr(commands, "run_benchmark", lambda base, methods, rows, *args, **kwargs: planned.append(rows))
     commands.benchmark()
