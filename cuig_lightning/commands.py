@@ -1,5 +1,6 @@
 """The ``cuig`` commands that are not Trainer stages, as typed functions (their docstrings are the help):
-``benchmark``, ``pretrain``, ``evaluate-base``, ``train-classifier``, ``instrument`` and ``speed``. Thin wrappers: the
+``benchmark``, ``pretrain``, ``evaluate-base``, ``train-classifier``, ``instrument``, ``speed`` and
+``evaluation-speed``. Thin wrappers: the
 work is done by :mod:`cuig_lightning.benchmark`, the :mod:`cuig_lightning.canvas_mini` package (``pretrain`` and
 ``instrument`` are its functions as they are) and :mod:`cuig_lightning.speed` (``speed`` as it is).
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from cuig_lightning.benchmark import Tuning, run_benchmark
+from cuig_lightning.benchmark.evaluation_speed import evaluation_speed
 from cuig_lightning.canvas_mini import classifiers
 from cuig_lightning.canvas_mini import pretrain as canvas_pretrain
 from cuig_lightning.canvas_mini.instrument import instrument
@@ -104,4 +106,5 @@ def train_classifier(kind: Literal["style", "object", "both"] = "both", steps: i
 
 
 COMMANDS = {"benchmark": benchmark, "pretrain": canvas_pretrain.pretrain, "evaluate-base": evaluate_base,
-            "train-classifier": train_classifier, "instrument": instrument, "speed": speed}
+            "train-classifier": train_classifier, "instrument": instrument, "speed": speed,
+            "evaluation-speed": evaluation_speed}

@@ -221,6 +221,7 @@ class ContinualTrainer(L.Trainer):
         metrics.update({k: round(v, 6) for k, v in drift(model.snapshot(), model.base_weights).items()})
         if "per_concept" in result:
             metrics["per_concept"] = result["per_concept"]
+        metrics["evaluation"] = evaluation.settings()  # which protocol measured this request (not the run identity)
         measured = "  ".join(f"{label} {metrics[k]:.1f}" for k, label in (("UA", "UA"), ("RA_I", "RA-I"), ("RA_C", "RA-C"))
                              if k in metrics)
         rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): {measured}  "

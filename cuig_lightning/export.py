@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 
 from cuig_lightning.checkpoints import write_json
-from cuig_lightning.evaluation.protocol import drift
+from cuig_lightning.evaluation.protocol import describe_protocol, drift
 from cuig_lightning.models.diffusion import DiffusionModel
 from cuig_lightning.run_folder import RunFolder, read_job
 
@@ -27,7 +27,7 @@ CARD = "README.md"
 class CanvasMiniPipeline(DiffusionPipeline):
     """Text-to-image with a pixel-space cuig model (Canvas-mini): the prompts encoded exactly as in
     training (:meth:`DiffusionModel.encode_text`, causal mask included), then cuig's DDIM sampler with
-    classifier-free guidance (:func:`cuig_lightning.models.diffusion.ddim_cfg`)."""
+    classifier-free guidance (:func:`cuig_lightning.models.diffusion.sample_cfg`)."""
 
     model_cpu_offload_seq = "text_encoder->unet"
 
@@ -91,7 +91,7 @@ def model_card(job: dict, manifests: list[dict], loader: str) -> str:
     trainer, model = config.get("trainer") or {}, config.get("model") or {}
     base = Path(str(model.get("model_path", "?"))).name  # the folder's name only: no local path
     last = manifests[-1]
-    metrics = {k: v for k, v in (last.get("metrics") or {}).items() if k != "per_concept"}
+    metrics = {k: v for k, v in (last.get("metrics") or {}).items() if k not in ("per_concept", "evaluation")}
     callbacks = trainer.get("callbacks") or []
     lines = [
         f"# cuig export: request {last['index']} of {len(trainer.get('requests') or []) or '?'}",
@@ -104,7 +104,8 @@ def model_card(job: dict, manifests: list[dict], loader: str) -> str:
             f"{m['index']}. {' + '.join(r['target'] for r in m['request'])} ({m['request'][-1]['domain']})"
             for m in manifests),
         f"- **metrics after request {last['index']}**: "
-        + (", ".join(f"{k} {v}" for k, v in metrics.items()) if metrics else "not evaluated"),
+        + (", ".join(f"{k} {v}" for k, v in metrics.items()) + f" (evaluation: {describe_protocol(last['metrics'].get('evaluation'))})"
+           if metrics else "not evaluated"),
         f"- **made with**: {', '.join(f'{k} {v}' for k, v in (job.get('versions') or {}).items()) or 'unknown'}",
         "",
         "```python",
@@ -139,8 +140,10 @@ def evaluate_request(model, run_dir: Path, config: dict, evaluation, request: in
     """Metrics of a finished request (UA / RA-I / RA-C over the concepts its manifest records as erased so
     far, drift), or with ``request == 0`` the base model's style/object accuracy over the full grid."""
     if request == 0:
-        return {"request": 0, **evaluation.base_accuracy(model.diffusion, run_dir / "base_samples.png")}
+        return {"request": 0, **evaluation.base_accuracy(model.diffusion, run_dir / "base_samples.png"),
+                "evaluation": evaluation.settings()}
     manifest = RunFolder(run_dir, config).load_request(model, request)
     erased, domain = manifest["erased"], manifest["request"][-1]["domain"]
     result = evaluation.evaluate(model.diffusion, erased, domain)
-    return {"request": manifest["index"], "erased": erased, **result, **drift(model.snapshot(), model.base_weights)}
+    return {"request": manifest["index"], "erased": erased, **result, **drift(model.snapshot(), model.base_weights),
+            "evaluation": evaluation.settings()}

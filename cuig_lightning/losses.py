@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from cuig_lightning.models.diffusion import DiffusionModel, ddim_cfg, ddim_scheduler, trajectory_stops
+from cuig_lightning.models.diffusion import DiffusionModel, ddim_scheduler, sample_cfg, trajectory_stops
 
 ConAblVariant = Literal["model", "noise"]
 
@@ -136,7 +136,7 @@ def esd_loss(
     scheduler = ddim_scheduler(model.scheduler, trajectory_steps)
     cond = batch["cond_target"]
     stops = trajectory_stops(scheduler, batch["timesteps"])
-    x_t, t = ddim_cfg(model.unet, scheduler, batch["noise"], cond, uncond, guidance, stops=stops, upcast=True)
+    x_t, t = sample_cfg(model.unet, scheduler, batch["noise"], cond, uncond, guidance, stops=stops, upcast=True)
     target = esd_target(model, base_weights, x_t, t, cond, uncond, eta)
     pred = model.unet(x_t, t, encoder_hidden_states=cond).sample
     return F.mse_loss(pred.float(), target)

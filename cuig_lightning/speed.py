@@ -22,10 +22,10 @@ Measured, one function each:
   MFU = FLOPs per step / step time / the device's dense bf16 peak (:data:`PEAK_BF16_FLOPS`).
 * **Regularizer overhead** (:func:`measure_regularizers`): the same fit with ``GradientProjection`` and with the
   L2 ``NormRegularizer``, as a percentage of the plain step.
-* **CFG sampling** (:func:`measure_sampling`): ``Evaluation.generate`` (cuig's batched DDIM + CFG sampler,
+* **CFG sampling** (:func:`measure_sampling`): ``Evaluation.generate`` (cuig's batched CFG sampler, DDIM or a solver,
   VAE decode included), images per second at each batch size.
 * **The peer** (:func:`measure_peer`): diffusers' ``StableDiffusionPipeline`` from the same parts, one image a
-  call (UnlearnCanvas' protocol), the same DDIM steps and guidance; ``output_type="pt"`` (no PIL conversion).
+  call (UnlearnCanvas' protocol), the same sampler, steps and guidance; ``output_type="pt"`` (no PIL conversion).
 * **Variants** (:data:`VARIANTS`): fp32 vs bf16-mixed, SDPA vs the classic attention processor,
   channels_last, ``torch.compile`` of the UNet.
 
@@ -62,7 +62,7 @@ from cuig_lightning.checkpoints import atomic_write, write_json
 from cuig_lightning.data.anchors import PairedPrompts, StageTensors, UnlearningData
 from cuig_lightning.evaluation.protocol import Evaluation
 from cuig_lightning.methods import ConAbl
-from cuig_lightning.models.diffusion import build_tiny_sd, ddim_scheduler
+from cuig_lightning.models.diffusion import Sampler, build_tiny_sd, sampling_scheduler
 from cuig_lightning.module import UnlearningModule
 from cuig_lightning.requests import Request, Stage
 from cuig_lightning.versions import library_versions
@@ -137,7 +137,8 @@ class SpeedSettings:
     warmup: int
     steps: int
     repeats: int
-    ddim_steps: int
+    sampler: str
+    sample_steps: int
     guidance: float
     regularizers: bool
     peer: bool
@@ -406,13 +407,13 @@ def prompt_pairs(n: int) -> list[tuple[str, str]]:
 
 
 def measure_sampling(module, settings: SpeedSettings, variant: Variant, batch: int) -> dict:
-    """Images/s of cuig's evaluation sampler (``Evaluation.generate``: text encoding, batched DDIM + CFG,
+    """Images/s of cuig's evaluation sampler (``Evaluation.generate``: text encoding, batched CFG sampling,
     VAE decode, images to the CPU) at one batch size."""
     say(f"sampling: {variant.name}, batch {batch}")
     device = settings.torch_device
     module.to(device)
-    evaluation = Evaluation(seeds=[settings.seed], steps=settings.ddim_steps, guidance=settings.guidance,
-                            batch_size=batch, save_samples=False, bf16=variant.bf16)
+    evaluation = Evaluation(seeds=[settings.seed], sampler=settings.sampler, steps=settings.sample_steps,
+                            guidance=settings.guidance, batch_size=batch, save_samples=False, bf16=variant.bf16)
     pairs = prompt_pairs(batch)
     peak_memory_start(device)
     with applied(module, variant):
@@ -436,14 +437,15 @@ def measure_peer(module, settings: SpeedSettings) -> dict:
     with applied(module, variant):  # the pipeline gets the UNet as the variant runs it
         pipe = StableDiffusionPipeline(
             vae=d.vae, text_encoder=d.text_encoder, tokenizer=d.tokenizer, unet=d.unet,
-            scheduler=ddim_scheduler(d.scheduler, settings.ddim_steps), safety_checker=None, feature_extractor=None,
+            scheduler=sampling_scheduler(d.scheduler, settings.sample_steps, settings.sampler), safety_checker=None,
+            feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
 
         def one_image():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):
-                return pipe(prompt, num_inference_steps=settings.ddim_steps, guidance_scale=settings.guidance,
+                return pipe(prompt, num_inference_steps=settings.sample_steps, guidance_scale=settings.guidance,
                             generator=generator, output_type="pt").images.cpu()
 
         seconds = timed(one_image, settings.warmup, settings.repeats, device)
@@ -551,7 +553,7 @@ def render(result: dict) -> str:
         p = result["peer"]
         rows.append([p["sampler"] + " (1 image/call)", p["variant"], "1", num(p["call_s"]), num(p["images_per_s"]),
                      "1.00x", gib(p["peak_memory_gib"]), "-"])
-    out += ["", f"## CFG sampling (DDIM {s['ddim_steps']} steps, guidance {s['guidance']:g}, VAE decode included; "
+    out += ["", f"## CFG sampling ({s['sampler']} {s['sample_steps']} steps, guidance {s['guidance']:g}, VAE decode included; "
                 f"median of {s['repeats']} calls)", "",
             markdown_table(["sampler", "variant", "batch", "s/call", "images/s", "vs peer",
                             "peak mem", f"target >={TARGET_PEER_RATIO:g}x peer"], rows)]
@@ -629,7 +631,8 @@ def speed(
     warmup: int = 3,
     steps: int = 10,
     repeats: int = 3,
-    ddim_steps: int = 20,
+    sampler: Sampler = "ddim",
+    sample_steps: int = 20,
     guidance: float = 7.5,
     regularizers: bool = True,
     peer: bool = True,
@@ -655,7 +658,9 @@ def speed(
         warmup: untimed training steps / sampling calls before timing.
         steps: timed training steps per fit (the median is reported).
         repeats: timed sampling calls per batch size (the median is reported).
-        ddim_steps: DDIM steps of cuig's sampler and of the peer pipeline.
+        sampler: the sampler of cuig's evaluation and of the peer pipeline alike: ``ddim``, ``dpm_solver``
+            (DPM-Solver++ 2M) or ``unipc``.
+        sample_steps: sampler steps of both.
         guidance: classifier-free guidance of both.
         regularizers: measure the GradientProjection and L2 overhead.
         peer: measure diffusers' StableDiffusionPipeline, one image a call.
@@ -671,7 +676,7 @@ def speed(
         batch_sizes=list(batch_sizes or default_batches),
         sample_batch_sizes=list(sample_batch_sizes or default_samples),
         variants=list(dict.fromkeys(variants or default_variants)), warmup=warmup, steps=steps, repeats=repeats,
-        ddim_steps=ddim_steps, guidance=guidance, regularizers=regularizers, peer=peer, seed=seed,
+        sampler=sampler, sample_steps=sample_steps, guidance=guidance, regularizers=regularizers, peer=peer, seed=seed,
         model_path=model_path,
     )
     check(settings)
@@ -685,8 +690,8 @@ def check(settings: SpeedSettings) -> None:
     for name in ("batch_sizes", "sample_batch_sizes"):
         if any(b < 1 for b in getattr(settings, name)):
             raise ValueError(f"speed {name} must all be >= 1, got {getattr(settings, name)}")
-    if settings.warmup < 0 or settings.steps < 1 or settings.repeats < 1 or settings.ddim_steps < 1:
-        raise ValueError("speed needs warmup >= 0 and steps, repeats, ddim_steps >= 1")
+    if settings.warmup < 0 or settings.steps < 1 or settings.repeats < 1 or settings.sample_steps < 1:
+        raise ValueError("speed needs warmup >= 0 and steps, repeats, sample_steps >= 1")
     try:
         device = settings.torch_device
     except RuntimeError as err:

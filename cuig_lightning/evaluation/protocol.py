@@ -17,22 +17,34 @@ import torch
 
 from cuig_lightning.evaluation.metrics import unlearn_accuracy, unlearncanvas_metrics
 from cuig_lightning.evaluation.unlearncanvas import UnlearnCanvasClassifiers
-from cuig_lightning.models.diffusion import DiffusionModel, ddim_cfg, ddim_scheduler
+from cuig_lightning.models.diffusion import SAMPLERS, DiffusionModel, Sampler, sample_cfg, sampling_scheduler
 from cuig_lightning.progress import progress
 from cuig_lightning.requests import NEUTRAL_STYLE, caption
 
 UNLEARNCANVAS_SEEDS = [188, 288, 588, 688, 888]
 
 ClassifierKind = Literal["canvas-mini", "unlearncanvas"]
-#: Each classifier kind's sampling protocol: what ``seeds`` / ``steps`` / ``guidance`` left unset mean.
-#: Canvas-mini: 2 seeds, DDIM 20, guidance 1.5 (its base model is most accurate there); UnlearnCanvas on
+#: Each classifier kind's sampling protocol: what ``seeds`` / ``sampler`` / ``steps`` / ``guidance`` left unset
+#: mean. Canvas-mini: 2 seeds, DDIM 20, guidance 1.5 (its base model is most accurate there); UnlearnCanvas on
 #: SD-1.5: its 5 seeds, DDIM 100, guidance 9 (docs/method.md, as UnlearnCanvas' sampling scripts).
 PROTOCOLS: dict[str, dict] = {
-    "canvas-mini": {"seeds": UNLEARNCANVAS_SEEDS[:2], "steps": 20, "guidance": 1.5},
-    "unlearncanvas": {"seeds": UNLEARNCANVAS_SEEDS, "steps": 100, "guidance": 9.0},
+    "canvas-mini": {"seeds": UNLEARNCANVAS_SEEDS[:2], "sampler": "ddim", "steps": 20, "guidance": 1.5},
+    "unlearncanvas": {"seeds": UNLEARNCANVAS_SEEDS, "sampler": "ddim", "steps": 100, "guidance": 9.0},
 }
+#: What a sampler is called in reports.
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm_solver": "DPM-Solver++ 2M", "unipc": "UniPC"}
 #: Images the VAE decodes at once: SD's 512x512 decoder activations are large, and sampling batches may not be.
 DECODE_BATCH = 8
+
+
+def describe_protocol(settings: dict | None) -> str:
+    """An evaluation's recorded settings (:meth:`Evaluation.settings`) in words, e.g. "DPM-Solver++ 2M 8 steps,
+    guidance 1.5, seeds 188, 288, 588" (runs evaluated before settings were recorded: DDIM, unrecorded steps)."""
+    if not settings:
+        return "not recorded (DDIM; before cuig recorded evaluation settings)"
+    seeds = ", ".join(str(s) for s in settings.get("seeds", []))
+    return (f"{SAMPLER_NAMES.get(settings.get('sampler'), settings.get('sampler'))} {settings.get('steps')} steps, "
+            f"guidance {settings.get('guidance'):g}, seeds {seeds}")
 
 
 def drift(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -94,7 +106,10 @@ class Evaluation:
         retain_objects: the retained objects (RA-C of style requests, RA-I of object requests); required.
         seeds: one image per prompt and seed (unset: canvas-mini 188, 288; unlearncanvas 188, 288, 588,
             688, 888).
-        steps: DDIM steps of the evaluation sampler (unset: canvas-mini 20, unlearncanvas 100).
+        sampler: the evaluation sampler: ``ddim`` (unset: both kinds' protocol), ``dpm_solver`` (diffusers'
+            DPM-Solver++ 2M) or ``unipc`` (UniPC), the multistep solvers reaching DDIM's images in fewer steps.
+            Part of the recorded evaluation settings (:meth:`settings`), not of the run identity.
+        steps: sampler steps (unset: canvas-mini 20, unlearncanvas 100).
         guidance: classifier-free guidance of the evaluation sampler (unset: canvas-mini 1.5, where the
             base Canvas-mini model is most accurate; unlearncanvas 9).
         batch_size: images sampled at once (one seed per batch with canvas-mini, (seed, prompt) images across
@@ -112,6 +127,7 @@ class Evaluation:
         retain_styles: list[str] | None = None,
         retain_objects: list[str] | None = None,
         seeds: list[int] | None = None,
+        sampler: Sampler | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         batch_size: int = 96,
@@ -132,6 +148,9 @@ class Evaluation:
                              "checkpoints: set classifier_kind: unlearncanvas (or leave them unset)")
         protocol = PROTOCOLS[classifier_kind]
         steps = protocol["steps"] if steps is None else steps
+        sampler = protocol["sampler"] if sampler is None else sampler
+        if sampler not in SAMPLERS:
+            raise ValueError(f"trainer.evaluation.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if seeds is not None and not seeds:
             raise ValueError("trainer.evaluation.seeds is empty: give at least one seed (or evaluation: null)")
         if steps < 1 or batch_size < 1:
@@ -141,11 +160,17 @@ class Evaluation:
         self.classifier_files = {"style": style_classifier, "object": object_classifier}
         self.retain = {"style": list(retain_styles or []), "object": list(retain_objects or [])}
         self.seeds = list(seeds if seeds is not None else protocol["seeds"])
-        self.steps, self.batch_size = steps, batch_size
+        self.sampler, self.steps, self.batch_size = sampler, steps, batch_size
         self.guidance = protocol["guidance"] if guidance is None else guidance
         self.save_samples = save_samples
         self.bf16 = bf16
         self._classifiers: CanvasClassifiers | UnlearnCanvasClassifiers | None = None
+
+    def settings(self, seeds: list[int] | None = None) -> dict:
+        """What decides the evaluation's images (recorded beside every request's metrics): sampler, steps,
+        guidance, seeds (``seeds``: those a measurement used, when not :attr:`seeds`), bf16 autocast."""
+        return {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance,
+                "seeds": list(self.seeds if seeds is None else seeds), "bf16": self.bf16}
 
     @property
     def classifiers(self) -> CanvasClassifiers | UnlearnCanvasClassifiers:
@@ -203,9 +228,9 @@ class Evaluation:
         images = []
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for batch in progress(batches, f"evaluation ({len(pairs)} prompts x {len(seeds)} seeds)"):
-                scheduler = ddim_scheduler(model.scheduler, self.steps)
+                scheduler = sampling_scheduler(model.scheduler, self.steps, self.sampler)
                 cond = cond_all[pair_index[batch].to(device)]
-                latents = ddim_cfg(model.unet, scheduler, noise[batch].to(device), cond, uncond, self.guidance)[0]
+                latents = sample_cfg(model.unet, scheduler, noise[batch].to(device), cond, uncond, self.guidance)[0]
                 for part in latents.split(DECODE_BATCH):
                     images.append(clf.prepare(model.decode(part.float()).float()).cpu())
         model.unet.train(was_training)

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 from cuig_lightning.checkpoints import atomic_write, write_json
+from cuig_lightning.evaluation.protocol import describe_protocol
 
 COLUMNS = ["request", "targets", "steps", "UA", "RA_I", "RA_C", "drift", "drift_rel"]
 OPTIONAL_COLUMNS = ["RA_seeds"]  # shown when a row has it (trainer.curve_seeds: RA from fewer seeds there)
@@ -23,9 +24,19 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table, then the evaluation protocol(s) that measured them."""
     shown = columns(rows)
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in shown) + " |" for r in rows]
+    protocols: dict[str, list[int]] = {}
+    for r in rows:
+        if "UA" in r:  # evaluated
+            protocols.setdefault(describe_protocol(r.get("evaluation")), []).append(r["request"])
+    if len(protocols) == 1:
+        lines += ["", f"Evaluation: {next(iter(protocols))}."]
+    elif protocols:  # a run resumed under other evaluation settings
+        lines += [""] + [f"Evaluation of requests {', '.join(map(str, requests))}: {text}."
+                         for text, requests in protocols.items()]
     return "\n".join(lines)
 
 

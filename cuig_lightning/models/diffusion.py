@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel,
+                       UniPCMultistepScheduler)
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel
 
@@ -22,6 +23,10 @@ from cuig_lightning.canvas_mini.paths import canvas_mini_model_path
 from cuig_lightning.requests import concept_text
 
 TrainableGroup = Literal["xattn_kv", "xattn", "full"]
+#: The samplers of the evaluation (and exports): DDIM, or diffusers' multistep ODE solvers (DPM-Solver++ 2M,
+#: UniPC), which reach DDIM's images in fewer steps. All read the model's own noise schedule.
+Sampler = Literal["ddim", "dpm_solver", "unipc"]
+SAMPLERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
 _GROUP_PATTERNS = {
     "xattn_kv": ("attn2.to_k.", "attn2.to_v."),
     "xattn": ("attn2.to_q.", "attn2.to_k.", "attn2.to_v.", "attn2.to_out."),
@@ -156,20 +161,38 @@ class DiffusionModel(nn.Module):
         steps: int = 25,
         guidance: float = 3.0,
         eta: float = 0.0,
+        sampler: Sampler = "ddim",
     ) -> torch.Tensor:
-        """DDIM with classifier-free guidance from fresh noise; returns latents (the UNet's working space)."""
-        scheduler = ddim_scheduler(self.scheduler, steps)
+        """CFG sampling from fresh noise (DDIM unless ``sampler`` says otherwise); returns latents (the UNet's
+        working space)."""
+        scheduler = sampling_scheduler(self.scheduler, steps, sampler)
         shape = (cond.shape[0], *self.latent_shape)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(cond.device)
-        return ddim_cfg(self.unet, scheduler, noise, cond, uncond, guidance, eta=eta)[0]
+        return sample_cfg(self.unet, scheduler, noise, cond, uncond, guidance, eta=eta)[0]
 
 
-# --------------------------------------------------------------------- the one DDIM/CFG sampler
-def ddim_scheduler(noise_scheduler, steps: int) -> DDIMScheduler:
-    """A DDIM sampler over ``steps`` steps (timesteps high to low) with the model's noise schedule."""
-    scheduler = DDIMScheduler.from_config(noise_scheduler.config)
+# --------------------------------------------------------------------- the one CFG sampler
+def sampling_scheduler(noise_scheduler, steps: int, sampler: Sampler = "ddim"):
+    """A fresh ``sampler`` over ``steps`` steps (timesteps high to low) with the model's noise schedule.
+
+    Fresh per trajectory: the multistep solvers keep the previous steps' outputs of the batch they sample."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
+    config = noise_scheduler.config
+    extra = {}
+    if sampler != "ddim" and config.get("clip_sample"):
+        # DDIM clips its x0 predictions to ±clip_sample_range; the solvers' thresholding with that as the
+        # largest threshold is the same clip (s = clamp(quantile, 1, max) = 1 when max is 1), so both
+        # integrate the same clipped dynamics (a pixel-space model's x0 overshoots at high noise otherwise).
+        extra = {"thresholding": True, "sample_max_value": config.get("clip_sample_range", 1.0)}
+    scheduler = SAMPLERS[sampler].from_config(config, **extra)
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def ddim_scheduler(noise_scheduler, steps: int) -> DDIMScheduler:
+    """A DDIM sampler over ``steps`` steps (training-side trajectories: anchors, ESD)."""
+    return sampling_scheduler(noise_scheduler, steps, "ddim")
 
 
 def trajectory_stops(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -179,9 +202,9 @@ def trajectory_stops(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def ddim_cfg(
+def sample_cfg(
     unet: nn.Module,
-    scheduler: DDIMScheduler,
+    scheduler,
     noise: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor,
@@ -190,13 +213,19 @@ def ddim_cfg(
     eta: float = 0.0,
     upcast: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """DDIM with classifier-free guidance from ``noise`` (evaluation sampling and ESD's trajectories).
+    """Classifier-free guided sampling from ``noise`` with ``scheduler`` (:func:`sampling_scheduler`):
+    evaluation, anchors, exports and ESD's trajectories.
 
     Item i stops after ``stops[i]`` steps (default: every item runs the whole trajectory); returns each
     item's latent there and, with ``stops``, that latent's timestep ``scheduler.timesteps[stops[i]]``.
-    Each step runs the UNet only on the items still on their way. ``upcast``: combine the two
-    predictions in float32 (ESD); otherwise in the UNet's output dtype (evaluation under autocast).
+    Each step runs the UNet only on the items still on their way, so ``stops`` needs a one-step sampler
+    (DDIM): a multistep solver's history belongs to the whole batch. ``eta``: DDIM's noise (0: deterministic).
+    ``upcast``: combine the two predictions in float32 (ESD); otherwise in the UNet's output dtype
+    (evaluation under autocast).
     """
+    ddim = isinstance(scheduler, DDIMScheduler)
+    if stops is not None and not ddim:
+        raise ValueError("per-item trajectory stops need the DDIM sampler")
     grid = scheduler.timesteps.to(noise.device)
     latents = noise.float().clone()
     given = stops is not None
@@ -213,7 +242,8 @@ def ddim_cfg(
         both = unet(torch.cat([x, x]), grid[k], encoder_hidden_states=torch.cat([u, c])).sample
         e_uncond, e_cond = (both.float() if upcast else both).chunk(2)
         eps = e_uncond + guidance * (e_cond - e_uncond)
-        latents[going] = scheduler.step(eps, grid[k], x, eta=eta).prev_sample
+        step = scheduler.step(eps, grid[k], x, eta=eta) if ddim else scheduler.step(eps, grid[k], x)
+        latents[going] = step.prev_sample.to(latents.dtype)
     return out, (grid[stops] if given else None)
 
 

@@ -51,3 +51,16 @@ def test_unlearn_accuracy_alone_equals_the_full_evaluations_ua(canvas_model):
     erased = ["Van_Gogh", "Winter"]
     full = evaluation.evaluate(canvas_model, erased=erased, domain="style")
     assert evaluation.unlearn_accuracy(canvas_model, erased, "style") == pytest.approx(full["UA"], abs=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["dpm_solver", "unipc"])
+def test_solver_images_are_deterministic_for_a_seed(canvas_model, sampler):
+    pairs = [("Van_Gogh", "Circle"), ("Monet", "House")]
+    evaluation = Evaluation(seeds=[188], sampler=sampler, steps=4)
+    images = evaluation.generate(canvas_model, pairs)
+    assert torch.equal(images, evaluation.generate(canvas_model, pairs))
+    assert evaluation.settings()["sampler"] == sampler
+    # another seed, or DDIM at the same steps, draws other images: the switch switches
+    assert not torch.equal(images, Evaluation(seeds=[288], sampler=sampler, steps=4).generate(canvas_model, pairs))
+    assert not torch.equal(images, Evaluation(seeds=[188], steps=4).generate(canvas_model, pairs))
+

@@ -10,8 +10,10 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from cuig_lightning.evaluation.protocol import SAMPLER_NAMES
 from tests.helpers import cuig_process, deltas, run_cli, write_tiny_job
 
 
@@ -56,6 +58,29 @@ def test_evaluate_from_the_run_folder_alone(finished_run, capsys):
     assert run_cli("fit", "--config", str(finished_run / "job.yaml"), "--trainer.evaluation.seeds", "[7]",
                    "--trainer.enable_progress_bar", "true", "--trainer.log_every_n_steps", "5") == 0
     assert (run / "requests" / "02-Byzantine" / "manifest.json").read_bytes() == before
+
+
+def test_the_evaluation_settings_are_recorded_beside_the_metrics_not_in_the_identity(finished_run, capsys):
+    run = finished_run / "run"
+    rows = json.loads((run / "metrics.json").read_text())
+    # each request records what measured it: the job's sampler (seq12's), steps, guidance and seeds
+    sampler = yaml.safe_load((finished_run / "job.yaml").read_text())["trainer"]["evaluation"]["sampler"]
+    assert [r["evaluation"] for r in rows] == [{"sampler": sampler, "steps": 2, "guidance": 1.5, "seeds": [188],
+                                                "bf16": True}] * 2
+    assert f"Evaluation: {SAMPLER_NAMES[sampler]} 2 steps, guidance 1.5, seeds 188." in (run / "metrics.md").read_text()
+    # another sampler evaluates the same folder (it is not part of the run identity) and says which it used
+    capsys.readouterr()
+    other = next(s for s in SAMPLER_NAMES if s != sampler)
+    assert run_cli("evaluate", "--run_dir", str(run), "--request", "2", "--trainer.evaluation.sampler", other) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["evaluation"]["sampler"] == other and result["erased"] == ["Abstractionism", "Byzantine"]
+    # and fit under it resumes the finished job untouched
+    before = (run / "metrics.json").read_bytes()
+    assert run_cli("fit", "--config", str(finished_run / "job.yaml"), "--trainer.evaluation.sampler", other) == 0
+    assert (run / "metrics.json").read_bytes() == before
+    # an unknown sampler is a one-line error
+    assert run_cli("fit", "--config", str(finished_run / "job.yaml"), "--trainer.evaluation.sampler", "euler") == 2
+    assert "sampler" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_export_from_the_run_folder_loads_and_samples(finished_run, tmp_path):

@@ -14,7 +14,7 @@ from tests.helpers import CONFIGS, run_cli
 
 TINY = ["speed", "--size", "tiny", "--groups", "[xattn_kv,full]", "--batch_sizes", "[2]",
         "--sample_batch_sizes", "[1,2]", "--variants", "[fp32,bf16]", "--warmup", "1", "--steps", "2",
-        "--repeats", "1", "--ddim_steps", "2"]
+        "--repeats", "1", "--sample_steps", "2"]
 
 
 def positive(x) -> bool:
@@ -70,7 +70,7 @@ def test_tiny_cpu_table(tmp_path, capsys):
         assert positive(r["images_per_s"]) and positive(r["call_s"])
         assert r["vs_peer"] == pytest.approx(r["images_per_s"] / peer["images_per_s"])
     assert "| diffusers StableDiffusionPipeline (1 image/call) |" in printed
-    assert result["meta"]["settings"]["ddim_steps"] == 2 and result["meta"]["versions"]["torch"]
+    assert result["meta"]["settings"]["sample_steps"] == 2 and result["meta"]["versions"]["torch"]
 
 
 def test_targets_judged_only_where_they_can_be():
@@ -92,7 +92,7 @@ def test_targets_judged_only_where_they_can_be():
     def settings(size, device):
         return SpeedSettings(size=size, device=device, groups=["xattn_kv"], batch_sizes=[8, 32],
                              sample_batch_sizes=[8, 32], variants=["fp32", "bf16", "bf16-compile"], warmup=1, steps=1,
-                             repeats=1, ddim_steps=2, guidance=7.5, regularizers=True, peer=True, seed=0,
+                             repeats=1, sampler="ddim", sample_steps=2, guidance=7.5, regularizers=True, peer=True, seed=0,
                              model_path=None)
 
     gpu = result(989.4e12)

@@ -42,7 +42,7 @@ def test_pixel_space_export_is_a_canvas_mini_pipeline(tiny_sd, tmp_path):
     pipe = CanvasMiniPipeline.from_pretrained(out)
     got = pipe("A Circle image in Monet style.", num_inference_steps=3, guidance_scale=1.5, output_type="np",
                generator=torch.Generator().manual_seed(3)).images
-    # the same as the model's own sampler and text encoding (DiffusionModel.encode_text / ddim_cfg)
+    # the same as the model's own sampler and text encoding (DiffusionModel.encode_text / sample_cfg)
     cond, uncond = model.encode_text(["A Circle image in Monet style."]), model.encode_text([""])
     expected = model.decode(model.sample(cond, uncond, torch.Generator().manual_seed(3), steps=3, guidance=1.5))
     np.testing.assert_allclose(got, expected.permute(0, 2, 3, 1).numpy(), atol=1e-5)

@@ -32,6 +32,7 @@ def _changed(section: str, key: str, value) -> dict:
 
 @pytest.mark.parametrize("section, key, value", [
     ("trainer", "run_dir", "elsewhere"), ("trainer", "devices", 4), ("trainer", "evaluation", None),
+    ("trainer", "evaluation", {"seeds": [188], "guidance": 1.5, "sampler": "dpm_solver", "steps": 5}),
     ("trainer", "enable_progress_bar", True), ("trainer", "logger", False), ("trainer", "log_every_n_steps", 50),
     ("trainer", "checkpoint_every", 3), ("data", "cache_dir", "/b"),
     # options added later, at the value that trains as before they existed (finished runs stay theirs)

@@ -1,0 +1,356 @@
+"""``cuig evaluation-speed``: is a faster evaluation protocol equal to the reported one, and how much faster.
+
+One report (``results/evaluation_speed.md`` + ``.json``) from four measurements:
+
+* **Levers** (:func:`measure_levers`): images per second of :meth:`Evaluation.generate` on the shipped base
+  model for each speed lever alone and for the chosen ones together, measured one after another in one process
+  (ratios are only comparable side by side): the sampler (a multistep solver at few steps instead of DDIM),
+  bf16 autocast, larger sampling batches, ``torch.compile`` of the UNet (its compile time reported apart).
+* **Equality** (:func:`compare_protocols`): for every finished request of the given run folders, UA / RA-I /
+  RA-C under the old protocol (DDIM 20, seeds 188, 288, 588) and the new one on the same weights, each seed
+  evaluated alone: the 3-seed value is the mean of the three (every seed has the same images per concept, so
+  the mean equals the pooled metric) and the old protocol's seed spread comes with it. The rule: every
+  per-request difference within ``tolerance`` points.
+* **Base model** over the full grid under both protocols (style and object accuracy).
+
+Resumable: each (run, request, protocol, seed) result is kept in ``evaluation_speed_cache.json`` beside the
+report, keyed by the request's delta checksum, so a rerun measures only what is missing.
+* **Wall time** (:func:`time_job`, with ``time_commits``): the default job on a fresh clone of each commit with
+  an empty cache, one after the other on this machine: before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cuig_lightning.checkpoints import DELTA, atomic_write, load_tensors, read_manifest, write_json
+from cuig_lightning.evaluation.protocol import SAMPLER_NAMES, Evaluation, describe_protocol
+from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.run_folder import RunFolder, saved_config
+
+METRICS = ("UA", "RA_I", "RA_C")
+LABELS = {"UA": "UA", "RA_I": "RA-I", "RA_C": "RA-C"}
+
+
+def protocol_key(protocol: dict) -> str:
+    return f"{protocol['sampler']}-{protocol['steps']}"
+
+
+class Cache:
+    """Measured results by key, written through to one JSON file (atomic), so an interrupted run resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key: str, measure):
+        if key not in self.data:
+            self.data[key] = measure()
+            write_json(self.data, self.path)
+        return self.data[key]
+
+
+# ----------------------------------------------------------------------------------------------- equality
+def load_request_weights(model: DiffusionModel, base: dict[str, torch.Tensor], folder: Path) -> dict:
+    """Put a finished request's verified delta into ``model``'s UNet (on top of θ0); return its manifest."""
+    manifest = read_manifest(folder, verify=True, required=(DELTA,))
+    delta = load_tensors(folder / DELTA)
+    params = dict(model.unet.named_parameters())
+    with torch.no_grad():
+        for name, tensor in base.items():
+            params[name].copy_(tensor)
+        for name, tensor in delta.items():
+            params[name].copy_(tensor)
+    return manifest
+
+
+def compare_protocols(model: DiffusionModel, runs: dict[str, Path], evaluation_config: dict,
+                      protocols: dict[str, dict], seeds: list[int], cache: Cache,
+                      requests: dict[str, list[int]] | None = None) -> list[dict]:
+    """Per run and finished request (``requests``: only these of a run), each protocol's per-seed UA / RA-I / RA-C
+    on the same weights, and their means over the seeds."""
+    folders = {}
+    for label, run in runs.items():
+        folder = RunFolder(run, saved_config(run))
+        folder.check_owner()
+        wanted = (requests or {}).get(label)
+        folders[label] = [f for f in folder.finished_requests() if wanted is None or int(f.name.split("-")[0]) in wanted]
+    params = dict(model.unet.named_parameters())
+    names = {n for found in folders.values() for f in found for n in load_tensors(f / DELTA)}
+    base = {n: params[n].detach().clone() for n in names}
+    evaluations = {key: Evaluation(**{**evaluation_config, **protocol}, save_samples=False)
+                   for key, protocol in protocols.items()}
+    rows = []
+    for label, found in folders.items():
+        for folder in found:
+            manifest = load_request_weights(model, base, folder)
+            erased, domain = manifest["erased"], manifest["request"][-1]["domain"]
+            row = {"run": label, "request": manifest["index"], "targets": " ".join(r["target"] for r in manifest["request"])}
+            for key, evaluation in evaluations.items():
+                weights = f"{label}|{manifest['files'][DELTA]}|{protocol_key(evaluation.settings())}"
+                per_seed = [cache.get(f"{weights}|{seed}", lambda s=seed: _metrics(
+                    evaluation.evaluate(model, erased, domain, seeds=[s]))) for seed in seeds]
+                row[key] = {"per_seed": per_seed, **{m: statistics.fmean(p[m] for p in per_seed) for m in METRICS}}
+            print(f"[evaluation-speed] {label} request {row['request']}: " + "; ".join(
+                f"{key} " + " ".join(f"{row[key][m]:.1f}" for m in METRICS) for key in protocols), flush=True)
+            rows.append(row)
+    with torch.no_grad():  # θ0 again
+        for name, tensor in base.items():
+            params[name].copy_(tensor)
+    return rows
+
+
+def largest_difference(rows: list[dict], key: str) -> float:
+    """The largest |candidate − old| over every row and metric (points)."""
+    return max(abs(r[key][m] - r["old"][m]) for r in rows for m in METRICS)
+
+
+def _metrics(result: dict) -> dict:
+    return {m: float(result[m]) for m in METRICS}
+
+
+def seed_spread(per_seed: list[dict], metric: str) -> tuple[float, float]:
+    """(max − min over single seeds, standard error of their mean) of one metric."""
+    values = [p[metric] for p in per_seed]
+    sem = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return max(values) - min(values), sem
+
+
+# ----------------------------------------------------------------------------------------------- levers
+def measure_levers(model: DiffusionModel, pairs: list[tuple[str, str]], reference: dict, candidates: list[dict],
+                   chosen: dict, batch_sizes: list[int], compile_unet: bool, seeds: list[int]) -> list[dict]:
+    """Images/s of ``Evaluation.generate`` for the reference protocol in fp32, each lever alone (every candidate
+    sampler, bf16 autocast, other batch sizes, torch.compile) and the kept ones together (``chosen`` with bf16)."""
+    base = {**reference, "bf16": False}
+    variants = [("reference", base, False), ("bf16 autocast", {**base, "bf16": True}, False)]
+    variants += [(f"sampler: {describe_sampler(c)}", {**base, **c}, False) for c in candidates]
+    variants += [(f"batch {b}", {**base, "batch_size": b}, False) for b in batch_sizes]
+    if compile_unet:
+        variants.append(("torch.compile", base, True))
+    variants.append((f"kept together: {describe_sampler(chosen)} + bf16", {**base, **chosen, "bf16": True}, False))
+    rows, unet = [], model.unet
+    for name, settings, use_compile in variants:
+        evaluation = Evaluation(seeds=seeds, save_samples=False, **settings)
+        compile_s = None
+        if use_compile:
+            model.unet = torch.compile(unet)
+            start = time.perf_counter()
+            evaluation.generate(model, pairs[: evaluation.batch_size])  # compiles (for this batch shape)
+            compile_s = time.perf_counter() - start
+        evaluation.generate(model, pairs[:8])  # warm-up (allocator, lazy inits; a compiled UNet: the last batch)
+        start = time.perf_counter()
+        evaluation.generate(model, pairs)
+        seconds = time.perf_counter() - start
+        model.unet = unet
+        n = len(pairs) * len(seeds)
+        rows.append({"lever": name, "settings": {**settings, "compile": use_compile}, "images": n,
+                     "seconds": seconds, "images_per_s": n / seconds, "compile_s": compile_s})
+        print(f"[evaluation-speed] {name}: {rows[-1]['images_per_s']:.2f} images/s", flush=True)
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / rows[0]["images_per_s"]
+    return rows
+
+
+def describe_sampler(protocol: dict) -> str:
+    return f"{SAMPLER_NAMES.get(protocol['sampler'], protocol['sampler'])} {protocol['steps']} steps"
+
+
+# ----------------------------------------------------------------------------------------------- wall time
+EVALUATION_LINE = re.compile(r"^\[cuig\] request \d+ .*\((\d+) s evaluation\)", re.M)
+
+
+def commit_id(commit: str) -> str:
+    """The full hash of a commit of the repository in the working directory (``HEAD`` included)."""
+    return subprocess.run(["git", "rev-parse", commit], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def time_job(repo: Path, commit: str, config: str, scratch: Path) -> dict:
+    """Wall time of ``cuig fit --config config`` on a fresh clone of ``commit`` with an empty anchor cache
+    (what a new user runs), and the evaluation seconds its log reports."""
+    clone = scratch / f"clone-{commit}"
+    shutil.rmtree(clone, ignore_errors=True)
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "checkout", "-q", commit], check=True)
+    sha = subprocess.run(["git", "-C", str(clone), "rev-parse", "--short", "HEAD"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    env = {**os.environ, "CUIG_CACHE": str(scratch / f"cache-{commit}")}
+    print(f"[evaluation-speed] timing the default job at {sha}", flush=True)
+    start = time.perf_counter()
+    # python -m from the clone: its own package is imported (the working directory comes first on sys.path)
+    done = subprocess.run([sys.executable, "-m", "cuig_lightning", "fit", "--config", config], cwd=clone, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"the default job at {sha} failed: {done.stderr.strip().splitlines()[-1:]}")
+    metrics = json.loads((clone / "runs" / "seq12" / "metrics.json").read_text())
+    shutil.rmtree(clone, ignore_errors=True)
+    return {"commit": sha, "wall_s": wall, "evaluation_s": sum(int(s) for s in EVALUATION_LINE.findall(done.stderr)),
+            "evaluation": describe_protocol(metrics[-1].get("evaluation")), "metrics": metrics}
+
+
+# ----------------------------------------------------------------------------------------------- report
+def render(result: dict) -> str:
+    old, tol, chosen = result["old"], result["tolerance"], result["chosen"]
+    lines = [
+        "# Evaluation speed: faster protocols against the reported one, on the same weights",
+        "",
+        f"Made by `{result['command']}` on {result['date']} ({result['machine']}).",
+        "",
+        f"- old protocol: {describe_sampler(old)}, seeds {', '.join(map(str, result['seeds']))} (the reported tables')",
+        f"- candidates: {'; '.join(describe_sampler(c) for c in result['candidates'])}, the same seeds",
+        f"- the equality rule: every per-request difference (candidate − old) of UA, RA-I and RA-C within {tol:g} "
+        f"points; chosen: the cheapest candidate that holds it — **{describe_sampler(chosen)}**"
+        + ("" if result.get("chosen_holds", True) else " (none holds it: the closest)"),
+        "",
+    ]
+    if result.get("levers"):
+        lines += ["## Images per second on this CPU, each lever alone and the kept ones together", "",
+                  f"{result['lever_images']} images (the default job's grid after request 4, seed 188) on the base "
+                  "model, one variant after another in one process; reference: the old protocol's sampler in fp32 "
+                  "at batch 96 (the default). Compile time is paid once per process and batch shape.", "",
+                  "| lever | images/s | × reference | compile (s) |", "|---|---|---|---|"]
+        for row in result["levers"]:
+            compile_s = f"{row['compile_s']:.0f}" if row["compile_s"] is not None else ""
+            lines.append(f"| {row['lever']} | {row['images_per_s']:.2f} | {row['speedup']:.2f} | {compile_s} |")
+        lines.append("")
+    if result.get("base"):
+        lines += ["## The base model over the full grid (style ≥ 95 and object ≥ 90 required)", "",
+                  "| protocol | style | object | neutral | images |", "|---|---|---|---|---|"]
+        for b in result["base"].values():
+            lines.append(f"| {describe_protocol(b['settings'])} | {b['style_accuracy']:.1f} | {b['object_accuracy']:.1f}"
+                         f" | {b.get('neutral_accuracy', float('nan')):.1f} | {b['n_images']} |")
+        lines.append("")
+    rows = result.get("equality")
+    if rows:
+        lines += ["## Equality on real runs", "", "| candidate | largest difference (points) | the rule |", "|---|---|---|"]
+        for c in result["candidates"]:
+            worst = largest_difference(rows, protocol_key(c))
+            lines.append(f"| {describe_sampler(c)} | {worst:.1f} | {'holds' if worst <= tol else 'does not hold'} |")
+        key = protocol_key(chosen)
+        lines += ["", f"Per request, the chosen {describe_sampler(chosen)}: old → new (3-seed means), the difference, "
+                  "and the old protocol's own seed spread (max − min of the single seeds / standard error of their mean).",
+                  "", "| run | request | target | " + " | ".join(
+                      f"{LABELS[m]} old → new | Δ | seed spread" for m in METRICS) + " |",
+                  "|---|---|---|" + "---|---|---|" * len(METRICS)]
+        for r in rows:
+            cells = []
+            for m in METRICS:
+                spread, sem = seed_spread(r["old"]["per_seed"], m)
+                cells += [f"{r['old'][m]:.1f} → {r[key][m]:.1f}", f"{r[key][m] - r['old'][m]:+.1f}", f"{spread:.1f} / {sem:.1f}"]
+            lines.append(f"| {r['run']} | {r['request']} | {r['targets']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if result.get("wall_times"):
+        w = result["wall_times"]
+        lines += ["## The default main job, before and after (this machine, one after the other)", "",
+                  f"`{w['command']}` on a fresh clone of each commit with an empty anchor cache; evaluation seconds "
+                  "as the job's log reports them.", "",
+                  "| commit | evaluation protocol | wall time (s) | of which evaluation (s) | the rest (s) |",
+                  "|---|---|---|---|---|"]
+        for row in w["runs"]:
+            lines.append(f"| {row['commit']} | {row['evaluation']} | {row['wall_s']:.0f} | {row['evaluation_s']:.0f} | "
+                         f"{row['wall_s'] - row['evaluation_s']:.0f} |")
+        first, last = w["runs"][0], w["runs"][-1]
+        lines += ["", f"End to end {first['wall_s'] / last['wall_s']:.2f}× faster; evaluation "
+                  f"{first['evaluation_s'] / max(last['evaluation_s'], 1):.2f}× faster.", ""]
+    return "\n".join(lines)
+
+
+def evaluation_speed(
+    runs: dict[str, str] | None = None,
+    requests: dict[str, list[int]] | None = None,
+    config: str = "configs/seq12.yaml",
+    candidates: list[dict] | None = None,
+    seeds: list[int] | None = None,
+    tolerance: float = 2.0,
+    levers: bool = True,
+    lever_batch_sizes: list[int] | None = None,
+    compile_unet: bool = True,
+    base_model: bool = True,
+    time_commits: list[str] | None = None,
+    output: str = "results",
+    device: str = "cpu",
+) -> None:
+    """Faster evaluation protocols against the reported one on real runs, speed levers side by side, the base model.
+
+    Args:
+        runs: label -> run folder whose finished requests are evaluated under every protocol.
+        requests: label -> the requests of that run to evaluate (default: every finished one).
+        config: the job config whose ``trainer.evaluation`` section (retain sets, guidance) every protocol uses.
+        candidates: the faster protocols (``sampler`` and ``steps`` each; default: the config's own).
+        seeds: evaluation seeds of every protocol (default 188, 288, 588: the reported protocol's).
+        tolerance: the equality rule's largest allowed difference (points).
+        levers: measure images/s of each speed lever alone and together.
+        lever_batch_sizes: sampling batch sizes measured as a lever (default 48 and 192).
+        compile_unet: include ``torch.compile`` of the UNet among the levers.
+        base_model: evaluate the base model over the full grid under the old protocol and every candidate.
+        time_commits: time the default job (``config``) on a fresh clone of each of these commits of this
+            repository, one after the other (e.g. ``[80cfd76, HEAD]``: before and after); run nothing else meanwhile.
+        output: folder of ``evaluation_speed.md`` / ``.json`` and the cache of measured results.
+        device: torch device.
+    """
+    import yaml
+
+    job = yaml.safe_load(Path(config).read_text()) or {}
+    evaluation_config = dict((job.get("trainer") or {}).get("evaluation") or {})
+    if not evaluation_config:
+        raise ValueError(f"{config} has no trainer.evaluation section (retain sets) to evaluate with")
+    old = {"sampler": "ddim", "steps": 20}
+    candidates = [dict(c) for c in candidates or [{k: evaluation_config.get(k) for k in ("sampler", "steps")}]]
+    if any(set(c) != {"sampler", "steps"} or c["sampler"] is None or c["steps"] is None for c in candidates):
+        raise ValueError(f"evaluation-speed: each candidate gives sampler and steps, got {candidates}")
+    for key in ("seeds", "sampler", "steps"):
+        evaluation_config.pop(key, None)
+    seeds = list(seeds or [188, 288, 588])
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Cache(out / "evaluation_speed_cache.json")
+    model = DiffusionModel.from_pretrained((job.get("model") or {}).get("model_path", "canvas-mini")).to(device)
+    protocols = {"old": old, **{protocol_key(c): c for c in candidates}}
+    result = {"command": "cuig evaluation-speed --config " + config, "old": old, "candidates": candidates,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "seeds": seeds, "tolerance": tolerance}
+    if runs:
+        rows = compare_protocols(model, {k: Path(v) for k, v in runs.items()}, evaluation_config, protocols, seeds,
+                                 cache, requests)
+        result["equality"] = rows
+        holding = [c for c in candidates if largest_difference(rows, protocol_key(c)) <= tolerance]
+        result["chosen_holds"] = bool(holding)
+        result["chosen"] = min(holding, key=lambda c: c["steps"]) if holding else \
+            min(candidates, key=lambda c: largest_difference(rows, protocol_key(c)))
+    else:
+        result["chosen"] = candidates[0]
+    if base_model:
+        result["base"] = {key: cache.get(f"base|{protocol_key(p)}|{seeds[:2]}", lambda p=p: _base(model, evaluation_config, p, seeds[:2]))
+                          for key, p in protocols.items()}
+    if levers:
+        probe = Evaluation(**evaluation_config, seeds=seeds[:1], save_samples=False)
+        pairs = probe.grid(["Abstractionism", "Byzantine", "Cartoon", "Cold_Warm"], "style")
+        result["levers"] = measure_levers(model, pairs, old, candidates, result["chosen"],
+                                          list(lever_batch_sizes or [48, 192]), compile_unet, seeds[:1])
+        result["lever_images"] = len(pairs)
+    if time_commits:
+        with tempfile.TemporaryDirectory(prefix="cuig-timing-") as scratch:
+            result["wall_times"] = {"command": f"cuig fit --config {config}", "runs": [
+                cache.get(f"wall|{commit_id(c)}|{config}", lambda c=c: time_job(Path.cwd(), c, config, Path(scratch)))
+                for c in time_commits]}
+    write_json(result, out / "evaluation_speed.json")
+    text = render(result)
+    atomic_write(out / "evaluation_speed.md", lambda tmp: Path(tmp).write_text(text))
+    print(text)
+
+
+def _base(model: DiffusionModel, evaluation_config: dict, protocol: dict, seeds: list[int]) -> dict:
+    evaluation = Evaluation(**{**evaluation_config, **protocol}, seeds=seeds, save_samples=False)
+    return {**evaluation.base_accuracy(model), "settings": evaluation.settings()}
