@@ -205,16 +205,21 @@ class ContinualTrainer(L.Trainer):
         model.to(trainer.strategy.root_device)
         result, samples, evaluation = None, stage.request_dir / SAMPLES, self.evaluation
         fewer_seeds = self.curve_seeds is not None and stage.index > 0 and self.curve_seeds < len(evaluation.seeds)
-        if not last and (self.measure_retention == "last_request" or fewer_seeds):
+        if not last and self.measure_retention == "last_request":
             ua = evaluation.unlearn_accuracy(model.diffusion, stage.erased, stage.domain)
             if self.stop_below_ua is None or ua >= self.stop_below_ua:
-                if self.measure_retention == "last_request":
-                    result = {"UA": ua}
-                else:
-                    seeds = evaluation.seeds[: self.curve_seeds]
-                    curve = evaluation.evaluate(model.diffusion, stage.erased, stage.domain, samples, seeds)
-                    per_concept = {k: v for k, v in curve["per_concept"].items() if k != "unlearn"}  # UA's: all seeds
-                    result = {**curve, "UA": ua, "RA_seeds": len(seeds), "per_concept": per_concept}
+                result = {"UA": ua}
+        elif not last and fewer_seeds:
+            # the curve seeds' whole grid, then the other seeds' erased part alone: UA from every seed without
+            # sampling the curve seeds' erased images twice (each seed has the same images per concept, so the
+            # seed-weighted mean is the pooled UA)
+            seeds, rest = evaluation.seeds[: self.curve_seeds], evaluation.seeds[self.curve_seeds:]
+            curve = evaluation.evaluate(model.diffusion, stage.erased, stage.domain, samples, seeds)
+            ua = (curve["UA"] * len(seeds) + evaluation.unlearn_accuracy(
+                model.diffusion, stage.erased, stage.domain, rest) * len(rest)) / len(evaluation.seeds)
+            if self.stop_below_ua is None or ua >= self.stop_below_ua:
+                per_concept = {k: v for k, v in curve["per_concept"].items() if k != "unlearn"}  # UA's: all seeds
+                result = {**curve, "UA": ua, "RA_seeds": len(seeds), "per_concept": per_concept}
         if result is None:  # the whole grid: every request, the last one, or where stop_below_ua ends the job
             result = evaluation.evaluate(model.diffusion, stage.erased, stage.domain, samples)
         metrics = {k: round(v, 3) for k, v in result.items() if k in ("UA", "RA_I", "RA_C", "RA_seeds")}

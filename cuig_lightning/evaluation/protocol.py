@@ -276,13 +276,16 @@ class Evaluation:
             save_image_grid(images[: len(pairs)], styles, objects, sample_path, erased)
         return metrics
 
-    def unlearn_accuracy(self, model: DiffusionModel, erased: list[str], domain: str) -> float:
-        """UA alone (percent): only the erased concepts' part of the grid is sampled (the stop rule's check)."""
+    def unlearn_accuracy(self, model: DiffusionModel, erased: list[str], domain: str,
+                         seeds: list[int] | None = None) -> float:
+        """UA alone (percent): only the erased concepts' part of the grid is sampled (the stop rule's check),
+        from ``seeds`` (default: :attr:`seeds`)."""
         clf = self.classifiers_for(model)
+        seeds = self.seeds if seeds is None else seeds
         side, vocab = (0, clf.styles) if domain == "style" else (1, clf.objects)  # a pair is (style, object)
         pairs = [p for p in self.grid(erased, domain) if p[side] in erased]
-        pred = clf.predict(self.generate(model, pairs))[side]
-        prompted = torch.tensor([vocab.index(p[side]) for p in pairs] * len(self.seeds))
+        pred = clf.predict(self.generate(model, pairs, seeds))[side]
+        prompted = torch.tensor([vocab.index(p[side]) for p in pairs] * len(seeds))
         return unlearn_accuracy(prompted, pred, [vocab.index(c) for c in erased], len(vocab))
 
     def base_accuracy(self, model: DiffusionModel, sample_path: Path | None = None) -> dict:
