@@ -270,7 +270,7 @@ def render(result: dict) -> str:
 def evaluation_speed(
     runs: dict[str, str] | None = None,
     requests: dict[str, list[int]] | None = None,
-    config: str = "configs/seq12.yaml",
+    job: str = "configs/seq12.yaml",
     candidates: list[dict] | None = None,
     seeds: list[int] | None = None,
     tolerance: float = 2.0,
@@ -287,7 +287,7 @@ def evaluation_speed(
     Args:
         runs: label -> run folder whose finished requests are evaluated under every protocol.
         requests: label -> the requests of that run to evaluate (default: every finished one).
-        config: the job config whose ``trainer.evaluation`` section (retain sets, guidance) every protocol uses.
+        job: the job config whose ``trainer.evaluation`` section (retain sets, guidance) every protocol uses.
         candidates: the faster protocols (``sampler`` and ``steps`` each; default: the config's own).
         seeds: evaluation seeds of every protocol (default 188, 288, 588: the reported protocol's).
         tolerance: the equality rule's largest allowed difference (points).
@@ -295,17 +295,17 @@ def evaluation_speed(
         lever_batch_sizes: sampling batch sizes measured as a lever (default 48 and 192).
         compile_unet: include ``torch.compile`` of the UNet among the levers.
         base_model: evaluate the base model over the full grid under the old protocol and every candidate.
-        time_commits: time the default job (``config``) on a fresh clone of each of these commits of this
+        time_commits: time the job (``job``, by default the default job) on a fresh clone of each of these commits of this
             repository, one after the other (e.g. ``[80cfd76, HEAD]``: before and after); run nothing else meanwhile.
         output: folder of ``evaluation_speed.md`` / ``.json`` and the cache of measured results.
         device: torch device.
     """
     import yaml
 
-    job = yaml.safe_load(Path(config).read_text()) or {}
-    evaluation_config = dict((job.get("trainer") or {}).get("evaluation") or {})
+    config = yaml.safe_load(Path(job).read_text()) or {}
+    evaluation_config = dict((config.get("trainer") or {}).get("evaluation") or {})
     if not evaluation_config:
-        raise ValueError(f"{config} has no trainer.evaluation section (retain sets) to evaluate with")
+        raise ValueError(f"{job} has no trainer.evaluation section (retain sets) to evaluate with")
     old = {"sampler": "ddim", "steps": 20}
     candidates = [dict(c) for c in candidates or [{k: evaluation_config.get(k) for k in ("sampler", "steps")}]]
     if any(set(c) != {"sampler", "steps"} or c["sampler"] is None or c["steps"] is None for c in candidates):
@@ -316,9 +316,9 @@ def evaluation_speed(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out / "evaluation_speed_cache.json")
-    model = DiffusionModel.from_pretrained((job.get("model") or {}).get("model_path", "canvas-mini")).to(device)
+    model = DiffusionModel.from_pretrained((config.get("model") or {}).get("model_path", "canvas-mini")).to(device)
     protocols = {"old": old, **{protocol_key(c): c for c in candidates}}
-    result = {"command": "cuig evaluation-speed --config " + config, "old": old, "candidates": candidates,
+    result = {"command": "cuig evaluation-speed --job " + job, "old": old, "candidates": candidates,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "seeds": seeds, "tolerance": tolerance}
     if runs:
@@ -342,8 +342,8 @@ def evaluation_speed(
         result["lever_images"] = len(pairs)
     if time_commits:
         with tempfile.TemporaryDirectory(prefix="cuig-timing-") as scratch:
-            result["wall_times"] = {"command": f"cuig fit --config {config}", "runs": [
-                cache.get(f"wall|{commit_id(c)}|{config}", lambda c=c: time_job(Path.cwd(), c, config, Path(scratch)))
+            result["wall_times"] = {"command": f"cuig fit --config {job}", "runs": [
+                cache.get(f"wall|{commit_id(c)}|{job}", lambda c=c: time_job(Path.cwd(), c, job, Path(scratch)))
                 for c in time_commits]}
     write_json(result, out / "evaluation_speed.json")
     text = render(result)
