@@ -45,7 +45,10 @@ def atomic_write(path: Path, write) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     """Atomically write ``tensors`` (detached, contiguous, on CPU) as safetensors."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(Path(path), lambda tmp: save_file(cpu, tmp))
+    try:
+        atomic_write(Path(path), lambda tmp: save_file(cpu, tmp))
+    except SafetensorError as err:  # e.g. "No space left on device": an OSError the CLI reports in one line
+        raise OSError(f"cannot write {path}: {err}") from None
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:

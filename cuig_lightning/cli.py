@@ -58,6 +58,44 @@ def _option(argv: list[str], name: str) -> tuple[str | None, list[str]]:
     return None, argv
 
 
+class ConfigFileError(ValueError):
+    """A ``--config`` file that is not a YAML mapping of keys (empty, binary, unparsable, a list)."""
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Every existing file given as ``--config FILE`` / ``--config=FILE`` must be UTF-8 YAML holding a mapping
+    of keys; otherwise :class:`ConfigFileError` names the file and what is wrong with it (jsonargparse says
+    "Unexpected config:" for an empty file, and nothing about which file for a binary one). Missing files
+    are left to the parser, which names them."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+        else:
+            continue
+        if not os.path.isfile(name):
+            continue
+        with open(name, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigFileError(f"config file {name} is not a UTF-8 text file (byte {data[err.start]:#04x} at "
+                                  f"position {err.start}); give a YAML file") from None
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigFileError(f"config file {name} is not valid YAML: "
+                                  f"{getattr(err, 'problem', None) or one_line(err)}{where}") from None
+        if parsed is None:
+            raise ConfigFileError(f"config file {name} is empty (no config keys in it)")
+        if not isinstance(parsed, dict):
+            raise ConfigFileError(f"config file {name} holds a {type(parsed).__name__}, not a mapping of config keys")
+
+
 def from_run_folder(argv: list[str], scratch: str) -> list[str]:
     """``evaluate|export --run_dir DIR REST`` -> ``evaluate|export --config <DIR's saved config>
     --trainer.run_dir DIR REST``; other command lines unchanged."""
@@ -76,6 +114,7 @@ def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     argv = sys.argv[1:] if args is None else list(args)
     try:
+        check_config_files(argv)
         uses_run_dir = bool(argv) and argv[0] in ("evaluate", "export") and _option(argv, "--run_dir")[0] is not None
         with tempfile.TemporaryDirectory(prefix="cuig-") if uses_run_dir else contextlib.nullcontext() as scratch:
             if argv and argv[0] in COMMANDS:

@@ -2,6 +2,8 @@
 ``trainer.callbacks`` / ``trainer.logger`` / ``model.method`` must name a subclass of what the key expects
 (a config cannot make the CLI call an arbitrary function such as ``os.system``), and its ``init_args``
 must be arguments the class accepts (a typo fails here, in one line, not after the run folder is claimed).
+Callbacks are then built once (:func:`check_instances`), so that an argument a class refuses (``k: 0``) is a
+one-line config error too, not an error inside Lightning.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import importlib
 import inspect
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 
 class ConfigError(ValueError):
@@ -62,3 +64,24 @@ def check_classes(value: Any, base: type, key: str) -> None:
         if unknown:
             raise ConfigError(f"{where} ({class_path}): unknown argument {', '.join(map(repr, unknown))}; "
                               f"accepted: {', '.join(accepted) or 'none'}")
+
+
+def check_instances(value: Any, base: type, key: str) -> None:
+    """Build every entry of ``value`` (checked by :func:`check_classes` first) as the CLI will, and raise
+    :class:`ConfigError` naming the entry if its class refuses its arguments (e.g. a callback's own
+    ``ValueError`` for ``k: 0``). Only for classes whose construction has no side effects (callbacks)."""
+    if value is None or isinstance(value, bool):
+        return
+    items = value if isinstance(value, list) else [value]
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--entry", type=base)
+    for i, item in enumerate(items):
+        if isinstance(item, base):
+            continue
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        class_path = item if isinstance(item, str) else item.get("class_path")
+        try:
+            parser.instantiate(parser.parse_object({"entry": item.as_dict() if isinstance(item, Namespace) else item}))
+        except (ValueError, TypeError, ArgumentError) as err:
+            reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+            raise ConfigError(f"{where} ({class_path}): {reason}") from None

@@ -120,7 +120,13 @@ class ContinualTrainer(L.Trainer):
         if datamodule is None:
             raise ValueError("the continual trainer needs the data module (the `data:` section)")
         validate_requests(self.requests, datamodule.vocabulary)
-        if self.evaluation is not None:  # the classifiers load and know every concept before anything is sampled
+        if self.evaluation is not None:
+            # every request's evaluation grid needs both retain sets: refused now, not after request 1 trained
+            missing = [d for d in ("style", "object") if not self.evaluation.retain.get(d)]
+            if missing:
+                raise ValueError(f"trainer.evaluation has no retain_{missing[0]}s: the evaluation after each request "
+                                 f"needs both retain sets; set trainer.evaluation.retain_{missing[0]}s")
+            # the classifiers load and know every concept before anything is sampled
             self.evaluation.check_vocabulary({d: [r.target for r in self.requests if r.domain == d]
                                               for d in ("style", "object")})
         config = self.job_config or {"trainer": {"requests": [vars(r) for r in self.requests]}}
@@ -132,6 +138,10 @@ class ContinualTrainer(L.Trainer):
             # Decide the whole walk (and verify finished requests) before writing anything.
             folders = [run.request_dir(i, reqs) for i, reqs in enumerate(stages)]
             manifests = [run.finished(f) for f in folders]
+            if self.is_global_zero:  # all verified: what a kill left in finished requests goes
+                for folder, manifest in zip(folders, manifests):
+                    if manifest is not None:
+                        run.tidy(folder, manifest)
             claimed = self.is_global_zero and run.claim(library_versions())
             try:
                 self._walk(model, datamodule, run, stages, folders, manifests)

@@ -11,6 +11,9 @@ scheduler class, no absolute local paths, and a model card (``README.md``) sayin
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -52,8 +55,9 @@ class CanvasMiniPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=self.numpy_to_pil(images) if output_type == "pil" else images)
 
 
-def save_pipeline(model: DiffusionModel, out: Path) -> None:
-    """Save as a loadable diffusers pipeline with the folder's original scheduler class."""
+def save_pipeline(model: DiffusionModel, out: Path, name: str | None = None) -> None:
+    """Save as a loadable diffusers pipeline with the folder's original scheduler class (``name``: the
+    folder's final name, when ``out`` is a temporary folder that is renamed afterwards)."""
     parts = dict(unet=model.unet, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                  scheduler=model.original_scheduler())
     if model.vae is not None:
@@ -66,15 +70,15 @@ def save_pipeline(model: DiffusionModel, out: Path) -> None:
     pipe.save_pretrained(out)
     # the model folder's scheduler config as it was (a class's from_config drops the keys it does not know)
     write_json(model.scheduler_config, out / "scheduler" / "scheduler_config.json")
-    _drop_local_paths(out)
+    _drop_local_paths(out, name or out.name)
 
 
-def _drop_local_paths(out: Path) -> None:
+def _drop_local_paths(out: Path, name: str) -> None:
     """Configs record where their parts were loaded from (``_name_or_path``): a local path, dropped."""
     for path in out.rglob("*.json"):
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "_name_or_path" in data:
-            data["_name_or_path"] = path.parent.name
+            data["_name_or_path"] = name if path.parent == out else path.parent.name
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -117,12 +121,17 @@ def model_card(job: dict, manifests: list[dict], loader: str) -> str:
 
 
 def export_request(model, run_dir: Path, config: dict, request: int | None, output: Path) -> Path:
-    """Save the model after a finished request as a diffusers folder ``output`` (which must not exist)."""
-    if output.exists() and any(output.iterdir()):
+    """Save the model after a finished request as a diffusers folder ``output`` (which must not exist or
+    be empty). Everything is verified first (the request and those before it: sha256, written by this run),
+    then written into a temporary folder beside ``output`` that is renamed to it at the end: a failure
+    leaves no output folder behind."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"export folder {output} already exists and is not empty")
     run = RunFolder(run_dir, config)
     manifest = run.load_request(model, request)
-    save_pipeline(model.diffusion, output)
+    manifests = run.finished_through(manifest["index"])
+    job = read_job(run_dir)
     if model.diffusion.vae is not None:
         loader = (f"from diffusers import StableDiffusionPipeline\n"
                   f"pipe = StableDiffusionPipeline.from_pretrained({str(output.name)!r})")
@@ -130,9 +139,16 @@ def export_request(model, run_dir: Path, config: dict, request: int | None, outp
         loader = (f"from cuig_lightning.export import CanvasMiniPipeline\n"
                   f"pipe = CanvasMiniPipeline.from_pretrained({str(output.name)!r})")
     loader += '\nimage = pipe("A Circle image in Monet style.").images[0]'
-    earlier = [run.finished(folder) for folder in run.finished_requests()]
-    manifests = [m for m in earlier if m and m["index"] <= manifest["index"]]
-    (output / CARD).write_text(model_card(read_job(run_dir), manifests, loader))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        staging.mkdir()
+        save_pipeline(model.diffusion, staging, name=output.name)
+        (staging / CARD).write_text(model_card(job, manifests, loader))
+        os.replace(staging, output)  # an empty output folder is replaced; a non-empty one is an error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return output
 
 

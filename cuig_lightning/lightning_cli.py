@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import Logger
 from cuig_lightning.continual import ContinualTrainer
 from cuig_lightning.data.anchors import UnlearningData
 from cuig_lightning.evaluation.protocol import Evaluation
-from cuig_lightning.config_checks import check_classes
+from cuig_lightning.config_checks import check_classes, check_instances
 from cuig_lightning.export import evaluate_request, export_request
 from cuig_lightning.methods import Method
 from cuig_lightning.module import UnlearningModule
@@ -102,6 +102,8 @@ class CuigCLI(LightningCLI):
         check_classes(config.get("trainer.callbacks"), Callback, "trainer.callbacks")
         check_classes(config.get("trainer.logger"), Logger, "trainer.logger")
         check_classes(config.get("model.method"), Method, "model.method")
+        # a callback that refuses its own arguments (`k: 0`) is a config error here, not one inside Lightning
+        check_instances(config.get("trainer.callbacks"), Callback, "trainer.callbacks")
 
     def _job_config(self) -> dict:
         config = (self.config[self.subcommand] if self.subcommand else self.config).as_dict()

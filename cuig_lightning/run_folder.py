@@ -166,6 +166,11 @@ def record_file(stage: Stage, name: str, data: Any) -> None:
         stage.recorded.append(name)
 
 
+def _request_number(folder: Path) -> int:
+    """1-based request number of a request folder (``03-Cartoon`` -> 3)."""
+    return int(folder.name.split("-")[0])
+
+
 class RunFolder:
     """Owns ``run_dir``: claims it for one configuration, names request folders, writes and finds finished
     requests, loads one back."""
@@ -240,8 +245,19 @@ class RunFolder:
             return None
         manifest = read_manifest(folder, verify=True, required=(DELTA,))
         if manifest.get("config_hash") != self.hash:
-            raise RunFolderError(f"{folder} was written by a different config")
+            raise RunFolderError(f"{folder} was written by a different config (run identity "
+                                 f"{manifest.get('config_hash')}, this run {self.hash}); it was not made by this run")
         return manifest
+
+    def tidy(self, folder: Path, manifest: dict) -> None:
+        """Remove what a kill can leave in a finished request (its verified ``manifest``): ``partial/`` (a kill
+        between the manifest and its removal) and ``*.tmp`` files (a kill inside an atomic write); files the
+        manifest lists are kept."""
+        shutil.rmtree(self.partial_dir(folder), ignore_errors=True)
+        listed = set(manifest.get("files") or {})
+        for path in folder.glob("*.tmp"):
+            if path.name not in listed and path.is_file():
+                path.unlink(missing_ok=True)
 
     @staticmethod
     def partial_dir(folder: Path) -> Path:
@@ -305,10 +321,16 @@ class RunFolder:
         if request is None or request < 0:
             folder = done[-1]
         else:
-            matches = [d for d in done if int(d.name.split("-")[0]) == request]
+            matches = [d for d in done if _request_number(d) == request]
             if not matches:
                 raise CheckpointError(f"request {request} is not finished in {self.root} (finished: {len(done)})")
             folder = matches[0]
-        manifest = read_manifest(folder, verify=True, required=(DELTA,))
+        manifest = self.finished(folder)  # verified, and written by this run (not copied in from another)
         model.load_trainable(load_tensors(folder / DELTA))
         return manifest
+
+    def finished_through(self, index: int) -> list[dict]:
+        """The verified manifests of the finished requests 1..``index``, in order (each checked as
+        :meth:`finished` does: sha256 of its files, written by this run)."""
+        return [m for m in (self.finished(folder) for folder in self.finished_requests()
+                            if _request_number(folder) <= index) if m]

@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,12 @@ class StageCheckpoint(ModelCheckpoint):
         tmp = final.with_name(f".{final.name}.tmp")  # the same name on every rank (saving is collective)
         try:
             trainer.save_checkpoint(tmp, self.save_weights_only)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)  # e.g. a full disk: the previous last.ckpt stays as it was
+            if isinstance(err, RuntimeError) and ("failed writing" in str(err) or "No space left" in str(err)):
+                # torch.save's writer reports a full disk as a RuntimeError: an OSError the CLI reports in one line
+                raise OSError(f"cannot write mid-request checkpoint {final}: "
+                              f"{' '.join(str(err).split())}") from None
             raise
         if trainer.is_global_zero:
             info_path = final.with_name(LAST_INFO)
@@ -126,6 +131,67 @@ class RequestProgressBar(TQDMProgressBar):
         return metrics
 
 
+class RequestLogLines(ProgressBar):
+    """The training progress as plain lines when stderr is not a terminal (a log file): one line every 10% of
+    the request's steps (at least every 50 steps) and one at its end, e.g.
+    ``request 3/12 Cartoon: step 30/60, loss/unlearn 0.0123``, instead of a bar redrawn every step."""
+
+    def __init__(self, label: str, max_every: int = 50):
+        super().__init__()
+        self.label, self.max_every = label, max_every
+        self._enabled = True
+        self._last_printed: int | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def is_disabled(self) -> bool:
+        return not self._enabled
+
+    def _total(self, trainer: L.Trainer) -> int | None:
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        total = self.total_train_batches
+        return int(total) if total != float("inf") else None
+
+    def _every(self, trainer: L.Trainer) -> int:
+        total = self._total(trainer)
+        return self.max_every if total is None else max(1, min(self.max_every, total // 10))
+
+    def _line(self, trainer: L.Trainer, pl_module) -> None:
+        step, total = trainer.global_step, self._total(trainer)
+        metrics = ", ".join(f"{k} {float(v):.4g}" if isinstance(v, (int, float)) or hasattr(v, "item") else f"{k} {v}"
+                            for k, v in self.get_metrics(trainer, pl_module).items())
+        print(f"{self.label}: step {step}/{total if total is not None else '?'}" + (f", {metrics}" if metrics else ""),
+              file=sys.stderr, flush=True)
+        self._last_printed = step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._last_printed = trainer.global_step  # a resumed request says nothing until its next line is due
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step, total = trainer.global_step, self._total(trainer)
+        if self._enabled and step != self._last_printed and (step % self._every(trainer) == 0 or step == total):
+            self._line(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._enabled and trainer.global_step != self._last_printed:  # e.g. stopped early once forgotten
+            self._line(trainer, pl_module)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
 def stage_loggers(run_dir: Path, stage: Stage, user: Any) -> list[Logger]:
     """CSV (always) and TensorBoard (when installed) under ``run_dir/logs/NN-target/``, plus fresh copies
     of the loggers given as ``trainer.logger``; ``trainer.logger: false`` logs nothing."""
@@ -155,11 +221,19 @@ def _logger_from_class_path(class_path: str, save_dir: Path) -> Logger:
 def stage_callbacks(templates: list[Callback], checkpoint: StageCheckpoint, label: str,
                     progress_bar: bool, stop: StopWhenForgotten | None = None) -> list[Callback]:
     """Fresh copies of the configured callbacks (regularizer state belongs to one stage), the checkpoint,
-    the stop rule if any, and the request-named progress bar unless one was configured or bars are off."""
+    the stop rule if any, and the request-named progress bar unless one was configured or bars are off (plain
+    lines every few steps instead of a bar when stderr is not a terminal, so a log file stays readable)."""
     callbacks = [copy.deepcopy(c) for c in templates] + [checkpoint] + ([stop] if stop else [])
     if progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
-        callbacks.append(RequestProgressBar(label))
+        callbacks.append(RequestProgressBar(label) if _stderr_is_terminal() else RequestLogLines(label))
     return callbacks
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
 
 
 class _QuietLightning(logging.Filter):

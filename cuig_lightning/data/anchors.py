@@ -131,6 +131,10 @@ class UnlearningData(L.LightningDataModule):
         vocabulary: dict[str, list[str]] | None = None,
     ):
         super().__init__()
+        for name, value in (("images_per_prompt", images_per_prompt), ("batch_size", batch_size),
+                            ("sample_steps", sample_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be an integer >= 1, got {value!r}")
         self.prompts = prompts or list(DEFAULT_PROMPTS)
         self.object_templates = object_templates or list(DEFAULT_OBJECT_TEMPLATES)
         self.style_templates = style_templates or list(DEFAULT_STYLE_TEMPLATES)

@@ -250,3 +250,82 @@ def test_retention_measured_after_the_last_request_only(tmp_path, tiny_sd, cache
     assert json.loads((stopped_dir / "metrics.json").read_text()) == full[:1]
     assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={stopped_dir}") == 0  # the same identity
     assert json.loads((stopped_dir / "metrics.json").read_text()) == full
+
+
+def test_a_request_copied_in_from_another_run_is_neither_evaluated_nor_exported(finished_run, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Issue 37.4: a request whose manifest names another run's identity was evaluated (rc 0) and half exported
+    before export refused it. Export verifies before it writes and writes into a temporary folder renamed at
+    the end: no output folder is left by any failure."""
+    run = shutil.copytree(finished_run / "run", tmp_path / "copied")
+    manifest_path = run / "requests" / "02-Byzantine" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config_hash"] = "0123456789abcdef"  # as if the folder came from another run
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run_cli("evaluate", "--run_dir", str(run), "--request", "2") == 2
+    captured = capsys.readouterr()
+    assert "02-Byzantine was written by a different config" in captured.err.splitlines()[-1] and captured.out == ""
+    out = tmp_path / "export"
+    assert run_cli("export", "--run_dir", str(run), "--output", str(out)) == 2  # the last request: request 2
+    assert "02-Byzantine was written by a different config" in capsys.readouterr().err.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copied"]  # no output folder, no temporary one
+    # request 1 is this run's own: exported
+    assert run_cli("export", "--run_dir", str(run), "--request", "1", "--output", str(out)) == 0
+    assert "1. Abstractionism (style)" in (out / "README.md").read_text() and (out / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copied", "export"]
+    # a failure while writing leaves nothing either
+    from cuig_lightning import export
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(export, "model_card", disk_full)
+    assert run_cli("export", "--run_dir", str(run), "--request", "1", "--output", str(tmp_path / "again")) == 2
+    assert "No space left on device" in capsys.readouterr().err.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copied", "export"]
+
+
+def test_fit_tidies_what_a_kill_left_in_finished_requests(finished_run, tmp_path):
+    """Issue 37.6: a kill right after a manifest leaves partial/, a kill inside an atomic write a .tmp file; the
+    next fit, once every finished request is verified, removes them and keeps the request."""
+    run = shutil.copytree(finished_run / "run", tmp_path / "killed")
+    second = run / "requests" / "02-Byzantine"
+    before = {p.name: p.read_bytes() for p in second.iterdir()}
+    (second / "partial").mkdir()
+    (second / "partial" / "last.ckpt").write_bytes(b"left over")
+    (second / "partial" / "last.json").write_text("{}")
+    (second / ".unet_delta.safetensors.k1ll3d.tmp").write_bytes(b"half a delta")
+    assert run_cli("fit", "--config", str(finished_run / "job.yaml"), f"--trainer.run_dir={run}") == 0
+    assert {p.name: p.read_bytes() for p in second.iterdir()} == before
+
+
+def test_an_evaluation_without_retain_sets_is_refused_before_training(tmp_path, tiny_sd, cache_dir, capsys):
+    """Issue 37.5: it was refused only after request 1 had trained."""
+    cfg = write_tiny_job(tmp_path / "job.yaml", tiny_sd, cache_dir, tmp_path / "run", requests=2)
+    assert run_cli("fit", "--config", str(cfg), "--trainer.evaluation.retain_objects", "[]") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("cuig: error: trainer.evaluation has no retain_objects: the evaluation after each request "
+                       "needs both retain sets; set trainer.evaluation.retain_objects"), err[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_progress_in_a_log_file_is_a_few_plain_lines(tmp_path, tiny_sd, cache_dir, capfd, monkeypatch):
+    """Issue 37.8: with stderr not a terminal (a log file; capfd's is not), no bar redrawn every step: a plain line
+    every 10% of the request's steps; on a terminal the bar stays."""
+    cfg = write_tiny_job(tmp_path / "job.yaml", tiny_sd, cache_dir, tmp_path / "run", requests=2, evaluation=False,
+                         enable_progress_bar=True, max_steps=20, checkpoint_every=50)
+    assert run_cli("fit", "--config", str(cfg)) == 0
+    err = capfd.readouterr().err
+    for i, target in ((1, "Abstractionism"), (2, "Byzantine")):
+        label = f"request {i}/2 {target}"
+        assert not any(label in chunk for line in err.split("\n") for chunk in line.split("\r")[:-1]), err
+        lines = [line for line in err.splitlines() if label in line]
+        assert [line.split(": step ")[1].split(",")[0] for line in lines] == [f"{s}/20" for s in range(2, 21, 2)], lines
+        assert all(line.startswith(f"{label}: step ") and ", loss/unlearn " in line for line in lines), lines
+    from cuig_lightning.stage import RequestLogLines, RequestProgressBar, stage_callbacks
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert isinstance(stage_callbacks([], None, "r", True)[-1], RequestProgressBar)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert isinstance(stage_callbacks([], None, "r", True)[-1], RequestLogLines)

@@ -241,3 +241,83 @@ def test_benchmark_rows_none_is_the_whole_table_and_empty_is_none(monkeypatch):
     commands.benchmark(rows=["simultaneous"])
     assert planned == [commands.MAIN_TABLE_ROWS, [], ["simultaneous"]]
     assert len(commands.MAIN_TABLE_ROWS) == 10
+
+
+def _one_error_line(capsys) -> str:
+    """A failed command's stderr ends in its one ``cuig: error:`` line, with no traceback before it (progress
+    bars of model loading may come first)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("cuig: error: "), err
+    assert sum("error" in line.lower() for line in err) == 1 and not any("Traceback" in line for line in err), err
+    return err[-1]
+
+
+@pytest.mark.parametrize("callback, needle", [
+    ({"class_path": "callbacks.GradientProjection", "init_args": {"k": 0}}, "GradientProjection k must be >= 1, got 0"),
+    ({"class_path": "callbacks.SelectiveFineTuning", "init_args": {"topk": 0}}, "topk must be in (0, 1], got 0"),
+    ({"class_path": "callbacks.SelectiveFineTuning", "init_args": {"topk": 1.5}}, "topk must be in (0, 1], got 1.5"),
+    ({"class_path": "callbacks.ModelMerge", "init_args": {"density": -1}}, "density must be in (0, 1], got -1"),
+])
+def test_a_callback_that_refuses_its_arguments_is_one_line(make_config, capsys, tmp_path, callback, needle):
+    """Issue 37.1: it used to pass parsing and die inside Lightning ('Namespace' object has no attribute
+    'on_exception') with the run folder claimed and locked."""
+    cfg = make_config(requests=[{"target": "Van_Gogh"}], trainer={"callbacks": [callback]})
+    assert run_cli("fit", "--config", str(cfg)) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"cuig: error: trainer.callbacks[0] ({callback['class_path']}): ") and needle in line, line
+    assert not (tmp_path / "run").exists()  # nothing written, nothing locked
+
+
+@pytest.mark.parametrize("key", ["images_per_prompt", "sample_steps", "batch_size"])
+def test_data_sizes_below_one_are_one_line(make_config, capsys, tmp_path, key):
+    """Issue 37.2: images_per_prompt 0 was a RuntimeError traceback, sample_steps 0 a ZeroDivisionError."""
+    cfg = make_config(requests=[{"target": "Van_Gogh"}], data={key: 0})
+    assert run_cli("fit", "--config", str(cfg)) == 2
+    assert f"data.{key} must be an integer >= 1, got 0" in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"", "is empty"),
+    (b"# nothing but a comment\n", "is empty"),
+    (b"\x80\x81binary\x00", "is not a UTF-8 text file (byte 0x80 at position 0)"),
+    (b"- a\n- b\n", "holds a list, not a mapping of config keys"),
+    (b"trainer: [1\n", "is not valid YAML: expected ',' or ']'"),
+])
+@pytest.mark.parametrize("command", ["fit", "benchmark"])
+def test_a_bad_config_file_is_named_with_what_is_wrong(capsys, tmp_path, content, needle, command):
+    """Issue 37.3: an empty file said only 'Unexpected config:', a binary one "'utf-8' codec can't decode
+    byte 0x80" without naming the file."""
+    bad = tmp_path / "job.yaml"
+    bad.write_bytes(content)
+    assert run_cli(command, "--config", str(bad)) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"cuig: error: config file {bad} ") and needle in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
+def test_a_full_disk_while_writing_a_delta_is_one_line(make_config, capsys, tmp_path, monkeypatch):
+    """Issue 37.7: safetensors' SafetensorError (No space left on device) was a traceback. The failed write
+    leaves no temporary file, no manifest, and a resumable folder that a later run finishes."""
+    from safetensors import SafetensorError
+
+    from cuig_lightning import checkpoints
+
+    real = checkpoints.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if "unet_delta" in str(filename):
+            real(tensors, filename, *args, **kwargs)  # a part is written, then the disk is full
+            raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_file", full_disk)
+    cfg = make_config(requests=[{"target": "Van_Gogh"}])
+    assert run_cli("fit", "--config", str(cfg)) == 2
+    line = _one_error_line(capsys)
+    request = tmp_path / "run" / "requests" / "01-Van_Gogh"
+    assert f"cannot write {request / 'unet_delta.safetensors'}" in line and "No space left on device" in line, line
+    assert sorted(p.name for p in request.iterdir()) == ["partial"]  # no delta, no .tmp, no manifest
+    monkeypatch.setattr(checkpoints, "save_file", real)
+    assert run_cli("fit", "--config", str(cfg)) == 0  # resumed from partial/last.ckpt
+    assert (request / "manifest.json").is_file() and not (request / "partial").exists()

@@ -31,3 +31,11 @@ def test_object_requests_swap_the_anchor_word():
 def test_a_template_without_its_fields_is_refused():
     with pytest.raises(ValueError, match="style_templates"):
         UnlearningData(style_templates=["{prompt} in the style."])
+
+
+@pytest.mark.parametrize("key, value", [("images_per_prompt", 0), ("sample_steps", 0), ("batch_size", 0),
+                                        ("batch_size", -2), ("images_per_prompt", 1.5)])
+def test_sizes_below_one_are_refused_when_the_data_module_is_made(key, value):
+    with pytest.raises(ValueError, match=rf"data\.{key} must be an integer >= 1, got {value}"):
+        UnlearningData(**{key: value})
+    UnlearningData(**{key: 1})  # the smallest valid value is accepted

@@ -176,3 +176,59 @@ def test_the_check_interval_counts_only_with_the_stop_rule():
     with_rule = _changed("trainer", "until_ua", 95.0)
     assert identity_hash(with_rule) != identity_hash(dict(with_rule, trainer={**with_rule["trainer"], "until_ua_every": 40}))
     assert identity_hash(_changed("trainer", "until_ua_every", 40)) == identity_hash(CONFIG)
+
+
+def test_a_full_disk_while_saving_tensors_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from cuig_lightning import checkpoints
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        open(filename, "wb").write(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    save_tensors({"w": torch.ones(2)}, tmp_path / DELTA)
+    before = (tmp_path / DELTA).read_bytes()
+    monkeypatch.setattr(checkpoints, "save_file", full_disk)
+    with pytest.raises(OSError, match=rf"cannot write {tmp_path / DELTA}: .*No space left on device"):
+        save_tensors({"w": torch.zeros(2)}, tmp_path / DELTA)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DELTA] and (tmp_path / DELTA).read_bytes() == before
+
+
+def _finished_request(root, config=CONFIG, name="01-A"):
+    folder = root / "requests" / name
+    save_tensors({"w": torch.ones(2)}, folder / DELTA)
+    write_manifest(folder, [DELTA], index=1, config_hash=RunFolder(root, config).hash)
+    return folder
+
+
+def test_a_request_copied_in_from_another_run_is_not_loaded(tmp_path):
+    """Issue 37.4: load_request (evaluate / export) checks the manifest's run identity as finished() does."""
+    run = RunFolder(tmp_path, CONFIG)
+    run.claim()
+    folder = _finished_request(tmp_path, _changed("model", "learning_rate", 1.0))  # another run's request
+
+    class Model:
+        def load_trainable(self, weights):
+            self.loaded = weights
+
+    model = Model()
+    with pytest.raises(RunFolderError, match="was written by a different config"):
+        run.load_request(model, 1)
+    assert not hasattr(model, "loaded")
+    write_manifest(folder, [DELTA], index=1, config_hash=run.hash)  # this run's own: loaded
+    assert run.load_request(model, 1)["index"] == 1 and torch.equal(model.loaded["w"], torch.ones(2))
+
+
+def test_tidy_removes_what_a_kill_leaves_in_a_finished_request(tmp_path):
+    """Issue 37.6: partial/ (a kill right after the manifest) and *.tmp files (a kill inside an atomic write)."""
+    run = RunFolder(tmp_path, CONFIG)
+    folder = _finished_request(tmp_path)
+    (folder / "partial").mkdir()
+    (folder / "partial" / "last.ckpt").write_bytes(b"ckpt")
+    (folder / f".{DELTA}.abc123.tmp").write_bytes(b"half")
+    (folder / ".manifest.json.x.tmp").write_bytes(b"{")
+    manifest = run.finished(folder)
+    run.tidy(folder, manifest)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", DELTA]
+    assert run.finished(folder) == manifest

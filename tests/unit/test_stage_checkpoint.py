@@ -42,3 +42,25 @@ def test_atomic_recorded_and_not_at_the_last_step(tmp_path):
     assert info["previous"] == first["sha256"] and last.read_bytes() == b"step 4"
     cb._save_checkpoint(_Trainer(10), str(last))  # the last step: not written
     assert last.read_bytes() == b"step 4"
+
+
+def test_a_full_disk_in_torch_save_is_an_oserror_naming_the_checkpoint(tmp_path):
+    """torch.save's writer says "PytorchStreamWriter failed writing file ..." as a RuntimeError on a full disk."""
+
+    class _FullDisk(_Trainer):
+        def save_checkpoint(self, path, weights_only=False):
+            open(path, "wb").write(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed")
+
+    last = tmp_path / "partial" / "last.ckpt"
+    last.parent.mkdir()
+    with pytest.raises(OSError, match=rf"cannot write mid-request checkpoint {last}: .*failed writing file data/3"):
+        StageCheckpoint(tmp_path, 2, {"request": 1})._save_checkpoint(_FullDisk(2), str(last))
+    assert list(last.parent.iterdir()) == []
+    with pytest.raises(RuntimeError, match="something else"):  # other errors are left as they are
+        class _Other(_Trainer):
+            def save_checkpoint(self, path, weights_only=False):
+                raise RuntimeError("something else")
+
+        StageCheckpoint(tmp_path, 2, {"request": 1})._save_checkpoint(_Other(2), str(last))
