@@ -1,4 +1,4 @@
-"""Continual-unlearning regularizers as Lightning callbacks (the paper's regularizers; README "Config keys").
+"""Continual-unlearning regularizers as Lightning callbacks (the paper's regularizers; docs/configuration.md).
 
 Each callback derives from :class:`callbacks.base.Regularizer` (per-stage state, checkpointing, rank-0
 broadcast, files recorded into the request folder) and talks to the LightningModule only through the

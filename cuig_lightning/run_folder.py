@@ -187,7 +187,7 @@ class RunFolder:
             if owner != self.hash:
                 raise RunFolderError(
                     f"run folder {self.root} was made by a different config (run identity {owner}, this config "
-                    f"{self.hash}; the keys that count are listed in README 'Run folder'); choose another "
+                    f"{self.hash}; the keys that count are listed in docs/run_folder.md); choose another "
                     "trainer.run_dir, or use `--run_dir` with evaluate / export"
                 )
         elif (self.root / "requests").exists():
