@@ -14,7 +14,10 @@ reported targets for each n (the simultaneous curve). ``jobs > 1`` runs that man
 
 The report (table, simultaneous curve, per-request CSV, curves, drift and similarity scatters, summary.json,
 tuning and trade-off, and the GradProj ablation's ``gradproj_ablation.md`` from its runs under ``output``) is
-rebuilt from the runs' metrics.
+rebuilt from the runs' metrics. The report step also writes each row's chosen hyperparameters (learning rate
+included) as a ready overlay ``chosen/<method>/<row>.yaml`` beside the first base config (for the paper's table,
+``configs/chosen/``; :func:`write_chosen_configs`): ``cuig fit --config BASE... --config configs/chosen/M/ROW.yaml``
+trains what the table's run of the row trained.
 """
 
 from __future__ import annotations
@@ -25,22 +28,25 @@ from pathlib import Path
 from cuig_lightning.benchmark.ablation import gradproj_ablation_plan, write_gradproj_ablation
 from cuig_lightning.benchmark.execute import execute
 from cuig_lightning.benchmark.plan import Plan, Run, Tuning, apply_updates, candidates, choose, plan, tag
-from cuig_lightning.benchmark.report import pearson, tuning_points, write_benchmark_report, write_tuning_report
+from cuig_lightning.benchmark.report import (chosen_overlay, pearson, tuning_points, write_benchmark_report,
+                                             write_chosen_configs, write_tuning_report)
 
-__all__ = ["Plan", "Run", "Tuning", "apply_updates", "candidates", "choose", "execute", "pearson", "plan",
-           "run_benchmark", "tag", "tuning_points", "write_benchmark_report", "write_tuning_report"]
+__all__ = ["Plan", "Run", "Tuning", "apply_updates", "candidates", "choose", "chosen_overlay", "execute", "pearson",
+           "plan", "run_benchmark", "tag", "tuning_points", "write_benchmark_report", "write_chosen_configs",
+           "write_tuning_report"]
 
 
 def run_benchmark(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[int], output: str,
                   report: str, tuning: Tuning | None = None, jobs: int = 1, report_only: bool = False,
                   fit: Callable[[list[str]], object] | None = None,
                   simultaneous_n: list[int] | None = None, gradproj_ablation: bool = False,
-                  curve_seeds: int | None = None) -> Path:
+                  curve_seeds: int | None = None, chosen: str | Path | None = None) -> Path:
     """Run every (method, row, seed) of the main table (after the tuning runs) and the simultaneous curve,
     then write the report.
 
     The arguments are those of ``cuig benchmark`` (:func:`cuig_lightning.commands.benchmark`, where they are
-    documented), plus ``fit``, which runs one ``cuig fit`` in this process when ``jobs == 1``.
+    documented), plus ``fit``, which runs one ``cuig fit`` in this process when ``jobs == 1``, and ``chosen``:
+    the folder of the rows' chosen overlays (None: ``chosen`` beside the first base config, e.g. configs/chosen).
     """
     planned = plan(base, methods, rows, seeds, Path(output), tuning, simultaneous_n, curve_seeds)
     ablation = gradproj_ablation_plan(base, Path(output)) if gradproj_ablation else []
@@ -50,6 +56,11 @@ def run_benchmark(base: list[str], methods: dict[str, str], rows: list[str], see
     path = write_benchmark_report(planned, Path(report), base, tuning.min_ua if tuning else None)
     if tuning:
         write_tuning_report(planned, tuning, Path(report))
+    if chosen is None and base:
+        chosen = Path(base[0]).parent / "chosen"
+    if chosen is not None:
+        write_chosen_configs(planned, methods, base, Path(chosen), Path(report) if tuning else None, Path(output),
+                             curve_seeds)
     write_gradproj_ablation(Path(output), Path(report))  # gradproj_ablation.md, once its runs under output exist
     if failed:
         logs = ", ".join(str(r.run_dir.with_suffix(".log")) for r in failed[:3])

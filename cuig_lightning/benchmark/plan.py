@@ -1,148 +1,26 @@
-"""Benchmark planning: the tuning grid, the runs of the main table and of the simultaneous curve (each an
-ordinary ``cuig fit``) and the selection rule. Pure: deciding the plan writes nothing; a run's config files
-are written when it launches."""
+"""Benchmark planning: the tuning runs, the runs of the main table and of the simultaneous curve (each an
+ordinary ``cuig fit``, a :class:`~cuig_lightning.benchmark.run.Run`), with the tuning grid and the selection rule
+of :mod:`cuig_lightning.benchmark.tuning`. Pure: deciding the plan writes nothing; a run's config files are
+written when it launches."""
 
 from __future__ import annotations
 
-import copy
-import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import yaml
 
-from cuig_lightning.run_folder import RunFolderError
+from cuig_lightning.benchmark.run import Run, load_rows
+from cuig_lightning.benchmark.tuning import Tuning, Values, apply_updates, candidates, choose, is_path, tag, worst_ua
+
+__all__ = ["METRICS", "REFERENCE", "SIMULTANEOUS", "Plan", "Run", "Tuning", "Values", "apply_updates", "base_value",
+           "candidates", "choose", "is_path", "load_rows", "plan", "tag", "worst_ua"]
 
 METRICS = ("UA", "RA_I", "RA_C")
 REFERENCE = "sequential"  # the row whose tuning sweep (the learning rate) is the trade-off plot's reference curve
 SIMULTANEOUS = "simultaneous"  # the row whose runs the simultaneous curve repeats on the first n targets
-
-Values = list[int | float | list[float]]  # a list value: e.g. a per-request λ schedule
-
-
-@dataclass
-class Tuning:
-    """Hyperparameter search on a validation split of concepts.
-
-    Args:
-        validation: overlay that replaces ``trainer.requests`` with the validation sequence.
-        grid: row -> axes; every combination of a row's axes is a candidate. An axis is either a callback,
-            ``ClassName: {init_arg: [values]}`` (the row overlay's ``trainer.callbacks`` entry whose class_path
-            ends in ``ClassName``), or a config path, ``section.key: [values]``: a key with a dot, set in the
-            row overlay, e.g. ``model.learning_rate: [1.0e-5, 2.0e-5]``. Class names have no dot.
-        combine: row -> tuned rows whose chosen callback values it uses (e.g. merge_gradproj: [merge, gradproj]).
-            Config paths (the learning rate) are not inherited: a combined row tunes them in its own grid entry,
-            each candidate run with its parts' choices (so its tuning runs wait for its parts').
-        seed: the seed of the tuning runs.
-        min_ua: the selection rule's UA floor, held after every validation request (see :func:`choose`).
-        stop_below_min_ua: end a candidate's run after the first validation request with UA < ``min_ua``
-            (``trainer.stop_below_ua``): the rule can no longer choose it, so its remaining requests are skipped
-            (most of a weak candidate's cost on a CPU). Its trade-off point is then where it stopped; running
-            the benchmark again with this off completes those runs.
-        measure_retention: ``last_request``: a candidate's RA-I / RA-C are measured after its last validation
-            request only (and where it stops), UA after every one: all the rule and the trade-off plot read
-            (``trainer.measure_retention``; about 2.5x less evaluation). ``every_request``: the full curves.
-    """
-
-    validation: str
-    grid: dict[str, dict[str, dict[str, Values] | Values]]
-    combine: dict[str, list[str]] = field(default_factory=dict)
-    seed: int = 0
-    min_ua: float = 80.0
-    stop_below_min_ua: bool = False
-    measure_retention: Literal["every_request", "last_request"] = "every_request"
-
-
-@dataclass(eq=False)  # runs are compared by identity (needs, failed lists)
-class Run:
-    """One ``cuig fit`` of the benchmark: configs in order, extra command-line options, the seed, and the
-    tuning runs it waits for."""
-
-    key: tuple
-    run_dir: Path
-    configs: list[str]
-    seed: int
-    needs: list[Run] = field(default_factory=list)
-    # config files this run writes at launch: path -> content, or a function giving it once `needs` have
-    # finished (a tuned overlay)
-    writes: dict[str, dict | Callable[[], dict]] = field(default_factory=dict)
-    overrides: list[str] = field(default_factory=list)  # options after the configs, e.g. --trainer.requests=[...]
-    # end the job after a request with UA below this (trainer.stop_below_ua); not part of the run's identity
-    stop_below_ua: float | None = None
-    # trainer.measure_retention; not part of the run's identity either
-    measure_retention: str = "every_request"
-    # trainer.curve_seeds (RA-I / RA-C between the first and last request from fewer seeds); nor this
-    curve_seeds: int | None = None
-    _finished: bool = field(default=False, init=False, repr=False)  # once true it stays true: polled every second
-
-    @property
-    def finished(self) -> bool:
-        """Finished when metrics.json has a row for every planned stage (the job rewrites it after each
-        request, so an interrupted job leaves a partial one: that run is resumed, not reported), or, with
-        ``stop_below_ua``, a row below it (:meth:`stopped`); a run made from other config files (benchmark.json,
-        written at launch) is an error, not a finished run to reuse."""
-        if self._finished:
-            return True
-        rows = load_rows(self.run_dir)
-        if len(rows) < self.planned_stages() and not self.stopped(rows):
-            return False
-        if not all(n.finished for n in self.needs):
-            return False  # its tuned overlay is not known yet; `cuig fit` checks the folder when launched
-        stamp = self.run_dir / "benchmark.json"
-        if stamp.is_file() and json.loads(stamp.read_text()) != self.stamp():
-            raise RunFolderError(f"{self.run_dir} was run from other config files; delete it to rerun")
-        self._finished = True
-        return True
-
-    def stopped(self, rows: list[dict]) -> bool:
-        """Whether the job ended early by ``stop_below_ua``: a request's UA fell below it before the last one
-        (a run that has every row, e.g. one run before the rule, was not stopped)."""
-        return (self.stop_below_ua is not None and len(rows) < self.planned_stages()
-                and any(row["UA"] < self.stop_below_ua for row in rows))
-
-    def planned_stages(self) -> int:
-        """The metrics rows of the finished job: one per request, one for a simultaneous job."""
-        trainer = self.trainer_settings()
-        return 1 if trainer.get("schedule") == "simultaneous" else len(trainer.get("requests") or [])
-
-    def trainer_settings(self) -> dict:
-        """The job's top-level ``trainer`` keys, read from the config files in order (a later file's keys win, as
-        in ``cuig fit``) and the ``--trainer.KEY=`` overrides — not from the run folder's job.json, which a
-        clone of the results does not have."""
-        trainer: dict = {}
-        for config in self.configs:
-            if Path(config).is_file():  # a tuned overlay is written at launch: before that its run cannot be finished
-                trainer.update((yaml.safe_load(Path(config).read_text()) or {}).get("trainer") or {})
-        for option in self.overrides:
-            option_key, _, value = option.partition("=")
-            key = option_key.removeprefix("--trainer.")
-            if key != option_key and "." not in key:  # a top-level trainer key, not a nested one
-                trainer[key] = yaml.safe_load(value)
-        return trainer
-
-    def all_configs(self) -> list[str]:
-        """The config files, after writing those this run writes."""
-        for path, content in self.writes.items():
-            _write_yaml(content() if callable(content) else content, Path(path))
-        return self.configs
-
-    def stamp(self) -> dict:
-        stamp = {"configs": [yaml.safe_load(Path(c).read_text()) for c in self.all_configs()], "seed": self.seed}
-        return {**stamp, "overrides": self.overrides} if self.overrides else stamp
-
-    def arguments(self) -> list[str]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "benchmark.json").write_text(json.dumps(self.stamp(), indent=1))
-        economy = [] if self.stop_below_ua is None else [f"--trainer.stop_below_ua={self.stop_below_ua}"]
-        if self.measure_retention != "every_request":
-            economy.append(f"--trainer.measure_retention={self.measure_retention}")
-        elif self.curve_seeds is not None:
-            economy.append(f"--trainer.curve_seeds={self.curve_seeds}")
-        return ["fit", *itertools.chain.from_iterable(("--config", c) for c in self.all_configs()), *self.overrides,
-                *economy, f"--trainer.run_dir={self.run_dir}", f"--seed_everything={self.seed}", f"--data.seed={self.seed}"]
 
 
 @dataclass
@@ -173,97 +51,6 @@ class Plan:
     settings: Callable[[str, str], dict]
 
 
-def load_rows(run_dir: Path) -> list[dict]:
-    """A run's per-request metrics, each with ``erased``: the concepts erased so far (a simultaneous
-    run's one request erases them all)."""
-    path = run_dir / "metrics.json"
-    try:
-        rows = json.loads(path.read_text()) if path.is_file() else []
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunFolderError(f"{path} is not readable JSON ({err}); delete {run_dir} to rerun it") from None
-    erased = 0
-    for row in rows:
-        erased += len(row["targets"].split())
-        row["erased"] = erased
-    return rows
-
-
-def is_path(key: str) -> bool:
-    """A grid axis named with a dot is a config path (``model.learning_rate``); without, a callback class."""
-    return "." in key
-
-
-def candidates(grid: dict[str, dict | list]) -> list[dict]:
-    """Every combination of a row's grid, as updates {callback class: {argument: value}, config path: value}."""
-    axes = []  # (grid key, init argument or None for a config path, values)
-    for key, spec in grid.items():
-        axes.extend([(key, None, spec)] if is_path(key) else [(key, arg, values) for arg, values in spec.items()])
-    result = []
-    for combo in itertools.product(*(values for _, _, values in axes)):
-        updates: dict = {}
-        for (key, arg, _), value in zip(axes, combo):
-            if arg is None:
-                updates[key] = value
-            else:
-                updates.setdefault(key, {})[arg] = value
-        result.append(updates)
-    return result
-
-
-def tag(updates: dict) -> str:
-    """A candidate's folder name: name and value of each setting (a config path by its last key; a list value,
-    e.g. a per-request λ schedule, joined by ``-``), e.g. ``weight2500_learning_rate1e-05``, ``lam1-1.5-2``;
-    ``default`` for no setting."""
-    settings = []
-    for key, value in updates.items():
-        settings += [(key.rsplit(".", 1)[-1], value)] if is_path(key) else list(value.items())
-
-    def text(value) -> str:
-        return "-".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
-
-    return "_".join(f"{name}{text(value)}" for name, value in settings) or "default"
-
-
-def apply_updates(overlay: dict, updates: dict) -> dict:
-    """The overlay with the named callbacks' init_args updated (every named class must be in it) and the
-    config paths set."""
-    overlay = copy.deepcopy(overlay)
-    callbacks = (overlay.get("trainer") or {}).get("callbacks") or []
-    for key, value in updates.items():
-        if is_path(key):
-            *parents, last = key.split(".")
-            node = overlay
-            for part in parents:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-                if not isinstance(node, dict):
-                    raise ValueError(f"tuning sets {key!r}, but {part!r} in the row overlay is not a section")
-            node[last] = value
-            continue
-        matching = [cb for cb in callbacks if cb["class_path"].split(".")[-1] == key]
-        if not matching:
-            raise ValueError(f"tuning names callback {key!r}, which the row overlay does not use")
-        for cb in matching:
-            cb.setdefault("init_args", {}).update(value)
-    return overlay
-
-
-def choose(results: list[tuple[dict, list[dict]]], min_ua: float) -> dict:
-    """The selection rule (matched forgetting): among candidates whose validation UA is >= ``min_ua`` after
-    *every* request, the highest mean of RA-I and RA-C after the last one; if none erases that well, the one
-    with the highest worst UA. ``results``: (updates, per-request metrics rows) pairs."""
-    erasing = [r for r in results if worst_ua(r[1]) >= min_ua]
-    if erasing:
-        return max(erasing, key=lambda r: (r[1][-1]["RA_I"] + r[1][-1]["RA_C"]) / 2)[0]
-    return max(results, key=lambda r: worst_ua(r[1]))[0]
-
-
-def worst_ua(rows: list[dict]) -> float:
-    """The lowest UA over a run's requests (the matched-forgetting rule holds a run to every request)."""
-    return min(row["UA"] for row in rows)
-
-
 def base_value(base: list[str], path: str):
     """The value at the dotted ``path`` in the last base config that sets it (None if none does)."""
     value = None
@@ -273,14 +60,6 @@ def base_value(base: list[str], path: str):
             node = node.get(key) if isinstance(node, dict) else None
         value = value if node is None else node
     return value
-
-
-def _write_yaml(data: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(data, sort_keys=False)
-    if not path.is_file() or path.read_text() != text:  # rewrite only on change (keeps mtimes meaningful)
-        path.write_text(text)
-    return path
 
 
 def plan(base: list[str], methods: dict[str, str], rows: list[str], seeds: list[int], output: Path,

@@ -217,6 +217,34 @@ def load_classifier(kind: Kind, directory: str | Path | None = None, device: str
     return model.to(device).eval()
 
 
+class CanvasClassifiers:
+    """The Canvas-mini style and object judges as the evaluation protocol reads them (images in [0, 1], 32×32):
+    :class:`cuig_lightning.evaluation.classifiers.Classifiers`, the ``canvas-mini`` classifier kind."""
+
+    def __init__(self, directory: str | Path | None = None):
+        self.style = load_classifier("style", directory)
+        self.object = load_classifier("object", directory)
+        self.styles, self.objects = list(self.style.classes), list(self.object.classes)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images * 2 - 1
+        return predict(self.style, x), predict(self.object, x)
+
+    @torch.no_grad()
+    def style_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """The style classifier's softmax over :attr:`styles`, one row per image."""
+        return torch.softmax(self.style(images * 2 - 1), dim=-1)
+
+    def to(self, device: torch.device | str) -> CanvasClassifiers:
+        """Stay on the CPU, wherever the model is: Canvas-mini's reported numbers were classified there."""
+        return self
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] as the classifiers read them: Canvas-mini's 32x32 samples, unchanged."""
+        return images
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------

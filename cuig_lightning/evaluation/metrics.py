@@ -3,7 +3,7 @@
 Input: one entry per generated image of the evaluation grid, with the style and object it was
 *prompted* with ("A {object} image in {style} style.", any number of seeds) and the labels the
 style and object classifiers *predicted*; all four as class indices into the vocabularies
-(Canvas-mini's ``world.STYLE_CLASSES`` / ``world.OBJECTS`` by default).
+(``styles`` / ``objects``, given by the caller: the classifiers' classes).
 
 Definitions (those of the paper's evaluation code, ``Evaluation/UnlearnCanvas/evaluate.py`` in
 CUIG, which follows UnlearnCanvas). A request's *domain* is the domain of the erased concepts:
@@ -40,12 +40,6 @@ import torch
 from torchmetrics.functional.classification import multiclass_accuracy
 
 Domain = Literal["style", "object"]
-
-
-def _default_vocab(domain_kind: Domain) -> list[str]:
-    from cuig_lightning.canvas_mini import world
-
-    return list(world.STYLE_CLASSES if domain_kind == "style" else world.OBJECTS)
 
 
 def _as_long(x: Sequence[int] | torch.Tensor, name: str) -> torch.Tensor:
@@ -87,8 +81,8 @@ def unlearncanvas_metrics(
     erased: Sequence[str],
     retain: Sequence[str],
     cross_retain: Sequence[str],
-    styles: Sequence[str] | None = None,
-    objects: Sequence[str] | None = None,
+    styles: Sequence[str],
+    objects: Sequence[str],
 ) -> dict:
     """UA, RA-I and RA-C (percent) of one evaluation grid; see the module docstring for the definitions.
 
@@ -100,7 +94,7 @@ def unlearncanvas_metrics(
             (then UA is NaN), e.g. to score the base model.
         retain: in-domain retain concepts (must not overlap ``erased``).
         cross_retain: concepts of the other domain that must keep working.
-        styles, objects: the vocabularies the indices refer to (default: Canvas-mini's).
+        styles, objects: the vocabularies the indices refer to (the classifiers' classes).
 
     Returns:
         ``{"UA", "RA_I", "RA_C"}`` (floats, percent) plus ``"per_concept"``:
@@ -109,8 +103,7 @@ def unlearncanvas_metrics(
     """
     if domain not in ("style", "object"):
         raise ValueError(f"domain must be 'style' or 'object', got {domain!r}")
-    styles = list(styles) if styles is not None else _default_vocab("style")
-    objects = list(objects) if objects is not None else _default_vocab("object")
+    styles, objects = list(styles), list(objects)
     ps, po = _as_long(prompt_style, "prompt_style"), _as_long(prompt_object, "prompt_object")
     qs, qo = _as_long(pred_style, "pred_style"), _as_long(pred_object, "pred_object")
     if not (len(ps) == len(po) == len(qs) == len(qo)):

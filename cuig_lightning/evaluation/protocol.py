@@ -3,8 +3,9 @@
 Knows the prompts, seeds, sampler settings and classifiers; knows nothing of training. The continual
 trainer calls :meth:`Evaluation.evaluate` after every request; ``cuig evaluate`` calls it for any saved
 request or for the base model (``request 0``: plain style/object accuracy over the full grid).
-Two kinds of classifiers judge the images: Canvas-mini's (:class:`CanvasClassifiers`) and UnlearnCanvas' ViTs
-for Stable Diffusion (:class:`cuig_lightning.evaluation.unlearncanvas.UnlearnCanvasClassifiers`).
+Classifiers of any registered kind judge the images (:class:`~cuig_lightning.evaluation.classifiers.Classifiers`,
+found by ``classifier_kind``): the embedded world's (``canvas-mini``, registered by its package) and UnlearnCanvas'
+ViTs for Stable Diffusion (:class:`cuig_lightning.evaluation.unlearncanvas.UnlearnCanvasClassifiers`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cuig_lightning.evaluation import unlearncanvas  # noqa: F401  (registers the unlearncanvas classifier kind)
+from cuig_lightning.evaluation.classifiers import Classifiers, load_classifiers
 from cuig_lightning.evaluation.metrics import unlearn_accuracy, unlearncanvas_metrics
-from cuig_lightning.evaluation.unlearncanvas import UnlearnCanvasClassifiers
 from cuig_lightning.models.diffusion import SAMPLERS, DiffusionModel, Sampler, sample_cfg, sampling_scheduler
 from cuig_lightning.progress import progress
 from cuig_lightning.requests import NEUTRAL_STYLE, caption
@@ -52,37 +54,6 @@ def drift(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> di
     diff = sum(float((weights[k].double() - base[k].double()).pow(2).sum()) for k in base) ** 0.5
     norm = sum(float(base[k].double().pow(2).sum()) for k in base) ** 0.5
     return {"drift": diff, "drift_rel": diff / norm if norm else float("nan")}
-
-
-class CanvasClassifiers:
-    """The Canvas-mini style and object classifiers (images in [0, 1], 32×32)."""
-
-    def __init__(self, directory: str | None = None):
-        from cuig_lightning.canvas_mini.classifiers import load_classifier
-
-        self.style = load_classifier("style", directory)
-        self.object = load_classifier("object", directory)
-        self.styles, self.objects = list(self.style.classes), list(self.object.classes)
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from cuig_lightning.canvas_mini.classifiers import predict
-
-        x = images * 2 - 1
-        return predict(self.style, x), predict(self.object, x)
-
-    @torch.no_grad()
-    def style_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """The style classifier's softmax over :attr:`styles`, one row per image."""
-        return torch.softmax(self.style(images * 2 - 1), dim=-1)
-
-    def to(self, device: torch.device | str) -> "CanvasClassifiers":
-        """Stay on the CPU, wherever the model is: Canvas-mini's reported numbers were classified there."""
-        return self
-
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] as the classifiers read them: Canvas-mini's 32x32 samples, unchanged."""
-        return images
 
 
 class Evaluation:
@@ -164,7 +135,7 @@ class Evaluation:
         self.guidance = protocol["guidance"] if guidance is None else guidance
         self.save_samples = save_samples
         self.bf16 = bf16
-        self._classifiers: CanvasClassifiers | UnlearnCanvasClassifiers | None = None
+        self._classifiers: Classifiers | None = None
 
     def settings(self, seeds: list[int] | None = None) -> dict:
         """What decides the evaluation's images (recorded beside every request's metrics): sampler, steps,
@@ -173,18 +144,18 @@ class Evaluation:
                 "seeds": list(self.seeds if seeds is None else seeds), "bf16": self.bf16}
 
     @property
-    def classifiers(self) -> CanvasClassifiers | UnlearnCanvasClassifiers:
-        """The style and object classifiers, loaded on first use (a missing or unfit file is an error here)."""
+    def classifiers(self) -> Classifiers:
+        """The style and object classifiers of :attr:`classifier_kind`, made by the factory registered for it
+        (:func:`~cuig_lightning.evaluation.classifiers.load_classifiers`), loaded on first use (a missing or unfit
+        file is an error here)."""
         if self._classifiers is None:
-            if self.classifier_kind == "unlearncanvas":
-                files = self.classifier_files
-                self._classifiers = UnlearnCanvasClassifiers(files["style"], files["object"], self.batch_size)
-            else:
-                spec = self.classifiers_spec
-                self._classifiers = CanvasClassifiers(None if spec == "canvas-mini" else spec)
+            files = self.classifier_files
+            self._classifiers = load_classifiers(self.classifier_kind, classifiers=self.classifiers_spec,
+                                                 style_classifier=files["style"], object_classifier=files["object"],
+                                                 batch_size=self.batch_size)
         return self._classifiers
 
-    def classifiers_for(self, model: DiffusionModel) -> CanvasClassifiers | UnlearnCanvasClassifiers:
+    def classifiers_for(self, model: DiffusionModel) -> Classifiers:
         """The classifiers, on the model's device where they follow it (UnlearnCanvas' ViTs do)."""
         return self.classifiers.to(next(model.unet.parameters()).device)
 
@@ -204,7 +175,7 @@ class Evaluation:
     @torch.no_grad()
     def generate(self, model: DiffusionModel, pairs: list[tuple[str, str]],
                  seeds: list[int] | None = None) -> torch.Tensor:
-        """Images in [0, 1] as the classifiers read them (:meth:`CanvasClassifiers.prepare`: SD's 512x512
+        """Images in [0, 1] as the classifiers read them (:meth:`Classifiers.prepare`: SD's 512x512
         images are shrunk batch by batch, so a 5-seed grid fits in memory), seed-major then pair, one per
         (seed, pair); ``seeds``: these instead of :attr:`seeds` (a seed's images do not depend on the others).
 

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from cuig_lightning.evaluation.classifiers import register_classifiers
+
 #: The style classifier's classes in head order (UnlearnCanvas ``theme_available``).
 STYLES: list[str] = [
     "Abstractionism", "Artist_Sketch", "Blossom_Season", "Bricks", "Byzantine", "Cartoon", "Cold_Warm",
@@ -149,7 +151,8 @@ def load_classifier(path: str | Path, classes: list[str], domain: str) -> ViTCla
 
 
 class UnlearnCanvasClassifiers:
-    """UnlearnCanvas' style and object classifiers: the interface of ``protocol.CanvasClassifiers``.
+    """UnlearnCanvas' style and object classifiers (:class:`~cuig_lightning.evaluation.classifiers.Classifiers`;
+    the ``unlearncanvas`` classifier kind).
 
     Args:
         style_path, object_path: the two checkpoints (``.pth`` with ``model_state_dict``, or ``.safetensors``).
@@ -194,3 +197,11 @@ class UnlearnCanvasClassifiers:
     def style_probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """The style classifier's softmax over :attr:`styles`, one row per image."""
         return torch.softmax(self.logits(self.style, images), dim=-1)
+
+
+def _unlearncanvas_classifiers(*, style_classifier: str, object_classifier: str, batch_size: int,
+                               **_) -> UnlearnCanvasClassifiers:
+    return UnlearnCanvasClassifiers(style_classifier, object_classifier, batch_size)
+
+
+register_classifiers("unlearncanvas", _unlearncanvas_classifiers)

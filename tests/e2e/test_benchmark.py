@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cuig_lightning.benchmark import (Tuning, apply_updates, candidates, choose, pearson, plan, run_benchmark, tag,
-                                      write_tuning_report)
+                                      write_chosen_configs, write_tuning_report)
 from cuig_lightning.benchmark.plan import load_rows
 from cuig_lightning.cli import main as cuig
 from cuig_lightning.run_folder import RunFolderError
@@ -124,6 +124,27 @@ def test_frontier_choices_and_combined_rows_from_fake_metrics(tmp_path):
     assert ("conabl / l2: **no candidate meets the rule** (UA ≥ 80 after every validation request); "
             "the best worst UA is 60.0 (weight1, chosen)") in text
     assert "conabl / sequential: **no candidate" not in text and "conabl / l2_again: **no candidate" not in text
+
+    # each row's choice as a ready overlay: what its reported runs use (tuned.yaml), with its own run_dir and seed
+    written = write_chosen_configs(planned, {"conabl": str(methods)}, [str(CONFIGS / "seq12.yaml")],
+                                   tmp_path / "chosen", out, tmp_path / "runs", curve_seeds=1)
+    assert sorted(p.name for p in written) == ["l2.yaml", "l2_again.yaml", "sequential.yaml"]
+    for path in written:
+        row = path.stem
+        ready = yaml.safe_load(path.read_text())
+        reported = next(r for r in planned.reported if r.key[1] == row)
+        tuned = yaml.safe_load(Path(reported.all_configs()[-1]).read_text())
+        assert ready["trainer"].pop("run_dir") == f"runs/chosen/conabl-{row}"
+        assert ready.pop("seed_everything") == ready.pop("data")["seed"] == 42  # seq12's seed, data's too
+        tuned["trainer"].pop("run_dir")
+        assert ready == tuned, row
+        header = path.read_text().split("\nseed_everything:")[0]
+        assert f"--config {CONFIGS / 'seq12.yaml'} --config {path}" in header
+        assert "--seed_everything S --data.seed S" in header and "--trainer.curve_seeds=1" in header
+    ready = yaml.safe_load((tmp_path / "chosen" / "conabl" / "l2_again.yaml").read_text())
+    assert ready["trainer"]["callbacks"][0]["init_args"]["weight"] == 1.0  # its part's choice
+    assert ready["model"]["learning_rate"] == 3.0e-5  # its own
+    assert "NormRegularizer weight 1; model.learning_rate 3e-05" in (path.parent / "l2_again.yaml").read_text()
 
 
 def test_simultaneous_curve_plan_cuts_the_reported_sequence(tmp_path):
@@ -263,6 +284,10 @@ def test_tuned_benchmark_runs_in_parallel_and_resumes(tmp_path, tiny_sd, cache_d
     assert chosen == {"NormRegularizer": {"weight": expected}}
     tuned = yaml.safe_load((output / "conabl" / "l2" / "tuned.yaml").read_text())
     assert tuned["trainer"]["callbacks"][0]["init_args"] == {"p": 2, "weight": expected}
+    # the report step's ready overlay of the row, beside the base config (not in the repository's configs/chosen)
+    ready = yaml.safe_load((Path(kwargs["base"][0]).parent / "chosen" / "conabl" / "l2.yaml").read_text())
+    assert ready["trainer"]["callbacks"][0]["init_args"] == {"p": 2, "weight": expected}
+    assert ready["trainer"]["run_dir"] == "runs/chosen/conabl-l2"
     job = json.loads((output / "conabl" / "l2" / "seed0" / "job.json").read_text())
     callbacks = job["config"]["trainer"]["callbacks"]
     assert callbacks[0]["init_args"]["weight"] == expected  # the reported run used the choice

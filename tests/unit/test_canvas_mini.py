@@ -79,7 +79,8 @@ def test_metrics_balanced_grid_matches_micro_accuracy():
     qs = torch.where(torch.rand(len(ps), generator=g) < 0.7, ps, torch.randint(0, ns, ps.shape, generator=g))
     qo = torch.where(torch.rand(len(po), generator=g) < 0.6, po, torch.randint(0, no, po.shape, generator=g))
     erased, retain_styles = cm.STYLES[:4], cm.STYLES[10:22]
-    m = unlearncanvas_metrics(ps, po, qs, qo, domain="style", erased=erased, retain=retain_styles, cross_retain=cm.OBJECTS)
+    m = unlearncanvas_metrics(ps, po, qs, qo, domain="style", erased=erased, retain=retain_styles, cross_retain=cm.OBJECTS,
+                              styles=cm.STYLE_CLASSES, objects=cm.OBJECTS)
     micro = MulticlassAccuracy(num_classes=ns, average="micro")
     r = torch.isin(ps, torch.tensor([cm.STYLES.index(s) for s in retain_styles]))
     assert m["RA_I"] == pytest.approx(100 * micro(qs[r], ps[r]).item(), abs=1e-4)

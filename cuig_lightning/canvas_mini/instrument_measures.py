@@ -1,0 +1,174 @@
+"""The instrument's measurements beside the jobs (:mod:`cuig_lightning.canvas_mini.instrument` runs the jobs and
+gathers them): whether a style's look follows its name's meaning (with a Mantel test), the base model over the
+full grid, and two finer measures of request 1's damage, the style probability and the key/value drift."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+from cuig_lightning.canvas_mini import world
+from cuig_lightning.canvas_mini.classifiers import EVAL_SEED, load_classifier
+from cuig_lightning.checkpoints import DELTA
+
+
+def _image_statistics(images: np.ndarray) -> np.ndarray:
+    """A generic look descriptor of a set of drawings: colour percentiles (10/50/90 per channel, weight 2) and
+    the grey-level power spectrum binned by radius (7) and orientation (6), each normalised."""
+    x = images.astype(np.float32) / 255
+    grey = x.mean(-1)
+    power = np.abs(np.fft.fftshift(np.fft.fft2(grey - grey.mean((1, 2), keepdims=True)), axes=(1, 2))).mean(0)
+    yy, xx = np.mgrid[-16:16, -16:16]
+    radius, angle = np.hypot(yy, xx), np.mod(np.arctan2(yy, xx), np.pi)
+    radial = np.array([power[(radius >= k) & (radius < k + 2)].sum() for k in range(2, 16, 2)])
+    angular = np.array([power[(radius > 2) & (angle >= k * np.pi / 6) & (angle < (k + 1) * np.pi / 6)].sum()
+                        for k in range(6)])  # fmt: skip
+    colour = np.percentile(x.reshape(-1, 3), [10, 50, 90], axis=0).ravel()
+    return np.concatenate([2 * colour, radial / radial.sum(), angular / angular.sum()])
+
+
+def mantel_p(similarity: np.ndarray, text: np.ndarray, permutations: int = 999, seed: int = 0) -> float:
+    """One-sided Mantel test of the Spearman correlation between two symmetric style-pair matrices: the share of
+    random relabellings of the styles (``similarity``'s rows and columns permuted together, ``permutations`` of
+    them, the observed labelling counted once) whose correlation reaches the observed one. The pairs share
+    styles, so they are not independent samples; relabelling the styles keeps that structure."""
+    n = len(text)
+    iu = np.triu_indices(n, 1)
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        out = np.empty(len(v))
+        out[np.argsort(v, kind="stable")] = np.arange(len(v))
+        return out
+
+    t = ranks(text[iu])
+    t = (t - t.mean()) / t.std()
+    ranked = np.zeros((n, n))
+    ranked[iu] = ranks(similarity[iu])  # relabelling permutes the pairs' values: their ranks stay valid
+    ranked += ranked.T
+
+    def correlation(matrix: np.ndarray) -> float:
+        v = matrix[iu]
+        return float((((v - v.mean()) / v.std()) * t).mean())
+
+    observed = correlation(ranked)
+    rng = np.random.default_rng(seed)
+    hits = sum(correlation(ranked[np.ix_(p, p)]) >= observed for p in (rng.permutation(n) for _ in range(permutations)))
+    return (1 + hits) / (1 + permutations)
+
+
+def look_meaning(cosine: np.ndarray, n_per_class: int = 4) -> dict:
+    """Spearman correlation, over all style pairs, between the names' text cosine and three visual similarities:
+    of the look parameters (minus their distance, hues and angle circular), of generic image statistics
+    (minus the distance of standardised :func:`_image_statistics`), and of the style classifier's mean
+    penultimate features (cosine), each with its Mantel permutation p-value (:func:`mantel_p`); plus, for the
+    closest 10% of pairs by text, the share that agree on each look attribute (|difference| < 0.15)."""
+    iu = np.triu_indices(len(world.STYLES), 1)
+    text = torch.tensor(cosine[iu])
+    table = world.load_looks()
+    values = np.array([[table[s][k] for k in world.LOOK_KEYS] for s in world.STYLES])
+    delta = np.abs(values[:, None] - values[None])
+    for j, key in enumerate(world.LOOK_KEYS):
+        if key.startswith("hue") or key == "angle":  # circular
+            delta[..., j] = np.minimum(delta[..., j], 1 - delta[..., j])
+    images, style_idx, _ = world.make_dataset(n_per_class, seed=EVAL_SEED, styles=world.STYLES)
+    stats = np.stack([_image_statistics(images[style_idx == i]) for i in range(len(world.STYLES))])
+    stats = (stats - stats.mean(0)) / (stats.std(0) + 1e-6)
+    with torch.no_grad():
+        feats = load_classifier("style").features(world.to_tensor(images)).mean(dim=(2, 3))
+    means = torch.stack([feats[torch.from_numpy(style_idx == i)].mean(0) for i in range(len(world.STYLES))])
+    means = torch.nn.functional.normalize(means - means.mean(0), dim=-1)
+    similarities = {
+        "look_parameters": -np.sqrt((delta**2).sum(-1)),
+        "image_statistics": -np.linalg.norm(stats[:, None] - stats[None], axis=-1),
+        "classifier_features": (means @ means.T).numpy(),
+    }
+    close = np.argsort(-cosine[iu])[: len(text) // 10]
+    return {
+        "spearman": {k: round(float(spearman_corrcoef(torch.tensor(v[iu]), text)), 3) for k, v in similarities.items()},
+        "mantel_p": {k: mantel_p(v, cosine) for k, v in similarities.items()},
+        "pairs": len(text),
+        "closest_pairs": len(close),
+        "attribute_agreement": {k: round(float((delta[..., j][iu][close] < 0.15).mean()), 3)
+                                for j, k in enumerate(world.LOOK_KEYS)},  # fmt: skip
+    }
+
+
+def _style_probability(path: Path, run_dirs: list[Path], retain: list[str], objects: list[str], steps: int,
+                       guidance: float, seeds: tuple[int, ...] = (188, 288, 588), model: str = "canvas-mini") -> dict:
+    """A finer damage measure than accuracy (kept in ``path``): per retained style, the style classifier's mean
+    probability of the prompted style over ``retain x objects x seeds``, for the base model and after request 1
+    of each run. Shows whether damage follows similarity where no image changes its label."""
+    from safetensors.torch import load_file
+
+    from cuig_lightning.evaluation.protocol import Evaluation
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    if not path.is_file():
+        evaluation = Evaluation(seeds=list(seeds), steps=steps, guidance=guidance)
+        model = DiffusionModel.from_pretrained(model)
+        base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+        pairs = [(s, o) for s in retain for o in objects]
+        clf = evaluation.classifiers
+        prompted = torch.tensor([clf.styles.index(s) for s, _ in pairs] * len(seeds))
+
+        def probability(delta: dict | None) -> list[float]:
+            model.unet.load_state_dict({**base, **(delta or {})})
+            p = clf.style_probabilities(evaluation.generate(model, pairs))
+            p = p[torch.arange(len(prompted)), prompted].reshape(len(seeds), len(retain), len(objects))
+            return [round(float(v), 4) for v in p.mean((0, 2))]
+
+        result = {"seeds": list(seeds), "base": probability(None),
+                  "after": {d.name: probability(load_file(str(next((d / "requests").glob("01-*")) / DELTA)))
+                            for d in run_dirs}}  # fmt: skip
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return json.loads(path.read_text())
+
+
+def key_value_drift(run_dirs: list[Path], target: str, retain: list[str], model: str = "canvas-mini") -> dict:
+    """The mechanism behind check 5, without sampling: after request 1 of each run, how far the cross-attention
+    keys and values of each name's in-prompt token states (``concept_embeddings``) moved, ‖ΔW·c‖ / ‖W0·c‖
+    (:func:`callbacks.key_value_drift.drift_ratios`), mean over the attn2 to_k / to_v layers and the runs: the
+    target's, each retained style's, and Pearson r between the retained styles' text cosine to the target (of
+    the same states, as :func:`looks.style_text_cosine`) and their drift."""
+    from safetensors.torch import load_file
+
+    from callbacks.key_value_drift import drift_ratios
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    diffusion = DiffusionModel.from_pretrained(model)
+    start = diffusion.unet.state_dict()
+    with torch.no_grad():
+        states = diffusion.concept_embeddings([target, *retain], "style")
+    per_run = []
+    for run_dir in run_dirs:
+        trained = load_file(str(next((run_dir / "requests").glob("01-*")) / DELTA))
+        layers = [k for k in trained if ".attn2.to_k." in k or ".attn2.to_v." in k]
+        per_run.append(torch.stack([drift_ratios(trained[k].float(), start[k].float(), states) for k in layers]).mean(0))
+    drift = torch.stack(per_run).mean(0).double()
+    unit = torch.nn.functional.normalize(states.double(), dim=-1)
+    cos = unit[1:] @ unit[0]
+    return {"target": round(float(drift[0]), 4), "retained": {r: round(float(d), 4) for r, d in zip(retain, drift[1:])},
+            "pearson_r": round(float(pearson_corrcoef(cos, drift[1:])), 3) if drift[1:].std() > 0 else None,
+            "runs": len(run_dirs)}  # fmt: skip
+
+
+def _base_check(path: Path, seeds: list[int], steps: int, guidance: float, model: str = "canvas-mini") -> dict:
+    """The base model over the full grid (kept in ``path``, like the runs: it takes minutes)."""
+    from cuig_lightning.evaluation.protocol import Evaluation
+    from cuig_lightning.models.diffusion import DiffusionModel
+
+    if not path.is_file():
+        t0 = time.perf_counter()
+        evaluation = Evaluation(seeds=list(seeds), steps=steps, guidance=guidance)
+        res = evaluation.base_accuracy(DiffusionModel.from_pretrained(model))
+        base = {k: round(res[k], 2) for k in ("style_accuracy", "object_accuracy", "neutral_accuracy")}
+        base.update(n_images=res["n_images"], seeds=list(seeds), steps=steps, guidance=guidance,
+                    seconds=round(time.perf_counter() - t0, 1), per_style=res["per_style"], per_object=res["per_object"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(base, indent=2) + "\n")
+    return json.loads(path.read_text())
