@@ -52,7 +52,7 @@ class ContinualTrainer(L.Trainer):
             12 requests). Like ``stop_below_ua`` it changes nothing that is trained: not part of the run identity.
         curve_seeds: with ``every_request``, RA-I / RA-C between the first and the last request from the first
             ``curve_seeds`` evaluation seeds (metrics key ``RA_seeds``), UA still from every seed (the
-            matched-forgetting check reads it at every request): a 12-request run at about 75% of the
+            matched-forgetting check reads it at every request): a 12-request run at about 64% of the
             sampling with one seed of three. The first request (the similarity finding reads it) and the last
             (the table) use every seed. None: every seed throughout. Not part of the run identity either.
         **kwargs: every ``lightning.Trainer`` argument, used for each stage's Trainer (``logger``: extra

@@ -28,8 +28,9 @@ from pathlib import Path
 from cuig_lightning.benchmark.ablation import gradproj_ablation_plan, write_gradproj_ablation
 from cuig_lightning.benchmark.execute import execute
 from cuig_lightning.benchmark.plan import Plan, Run, Tuning, apply_updates, candidates, choose, plan, tag
-from cuig_lightning.benchmark.report import (chosen_overlay, pearson, tuning_points, write_benchmark_report,
-                                             write_chosen_configs, write_tuning_report)
+from cuig_lightning.benchmark.chosen_configs import chosen_overlay, write_chosen_configs
+from cuig_lightning.benchmark.report import pearson, write_benchmark_report
+from cuig_lightning.benchmark.tuning_report import tuning_points, write_tuning_report
 
 __all__ = ["Plan", "Run", "Tuning", "apply_updates", "candidates", "choose", "chosen_overlay", "execute", "pearson",
            "plan", "run_benchmark", "tag", "tuning_points", "write_benchmark_report", "write_chosen_configs",

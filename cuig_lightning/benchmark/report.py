@@ -1,6 +1,7 @@
 """Benchmark report, rebuilt from the runs' metrics.json: the main table (with the simultaneous curve over n),
-the tuning table and trade-off frontier, per-request CSV, curves, drift and similarity scatters, summary.json,
-and each row's chosen hyperparameters as a ready config overlay (:func:`write_chosen_configs`)."""
+per-request CSV, curves, drift and similarity scatters and summary.json. The tuning table and trade-off frontier
+are :mod:`cuig_lightning.benchmark.tuning_report`; the rows' chosen overlays
+:mod:`cuig_lightning.benchmark.chosen_configs`."""
 
 from __future__ import annotations
 
@@ -11,194 +12,12 @@ import math
 import statistics
 from pathlib import Path
 
-import yaml
-
-from cuig_lightning.benchmark.plan import (METRICS, REFERENCE, SIMULTANEOUS, Plan, Tuning, apply_updates, base_value,
-                                           is_path, load_rows, tag, worst_ua)
+from cuig_lightning.benchmark.plan import METRICS, REFERENCE, SIMULTANEOUS, Plan, base_value, load_rows, worst_ua
 
 PAPER = {  # the paper's main result (ConAbl, approximate)
     "sequential": (95, 20, 30), "simultaneous": (90, 70, 85), "l2": (92, 40, 75), "selft": (93, 35, 70),
     "merge": (90, 50, 85), "gradproj": (90, 60, 70), "merge_gradproj": (88, 65, 85),
 }
-
-
-def tuning_points(plan: Plan) -> dict[tuple[str, str], list[dict] | None]:
-    """Each tuning candidate's validation result, per tuned (method, row) in plan order (None: a run of the
-    row has not finished): the candidate's name and updates, UA / RA-I / RA-C after the last validation
-    request, the worst UA over all of them and whether the rule chose it."""
-    points = {}
-    for (method, row), runs in plan.tuning.items():
-        if not all(r.finished for _, r in runs):
-            points[(method, row)] = None
-            continue
-        best = plan.chosen(method, row)
-        points[(method, row)] = [
-            {"candidate": tag(updates), "updates": updates, **{k: rows[-1][k] for k in METRICS},
-             "worst_UA": worst_ua(rows), "requests": len(rows), "stopped": run.stopped(rows),
-             "chosen": updates == best}
-            for updates, run, rows in ((u, r, load_rows(r.run_dir)) for u, r in runs)]
-    return points
-
-
-def write_tuning_report(plan: Plan, tuning: Tuning, out: Path) -> None:
-    """tuning.md (every candidate's validation metrics, the choice per (method, row), the rows where no
-    candidate meets the rule), tuning.json (the values each tuned row's reported runs use), tradeoff.json
-    (method -> row -> candidates in order of final UA) and tradeoff.png (:func:`tradeoff_plot`)."""
-    points = tuning_points(plan)
-    lines = [f"# Hyperparameter tuning on the validation split (`{tuning.validation}`, seed {tuning.seed})", "",
-             f"Rule (matched forgetting): among candidates with UA ≥ {tuning.min_ua:g} after every validation "
-             "request, the highest (RA-I + RA-C) / 2 after the last one; if none, the highest worst UA. "
-             "UA / RA-I / RA-C after the last validation request; worst UA over all of them"
-             + ("; a candidate whose UA fell below the floor stopped there (*stopped after request k*: the rule "
-                "cannot choose it, its later requests were not run)." if tuning.stop_below_min_ua else "."), "",
-             "| method | row | candidate | UA | worst UA | RA-I | RA-C | chosen |", "|---|---|---|---|---|---|---|---|"]
-    unmet, record, frontier = [], {}, {}
-    stop = lambda p: f" (*stopped after request {p['requests']}*)" if p["stopped"] else ""  # noqa: E731
-    for (method, row), candidates in points.items():
-        if candidates is None:
-            lines.append(f"| {method} | {row} | (unfinished) | | | | | |")
-            continue
-        record.setdefault(method, {})[row] = plan.settings(method, row)
-        frontier.setdefault(method, {})[row] = sorted(candidates, key=lambda p: p["UA"])
-        lines += [f"| {method} | {row} | {p['candidate']}{stop(p)} | "
-                  f"{p['UA']:.1f} | {p['worst_UA']:.1f} | {p['RA_I']:.1f} | {p['RA_C']:.1f} | "
-                  f"{'**yes**' if p['chosen'] else ''} |" for p in candidates]
-        best = max(candidates, key=lambda p: p["worst_UA"])
-        if best["worst_UA"] < tuning.min_ua:
-            unmet.append(f"- {method} / {row}: **no candidate meets the rule** (UA ≥ {tuning.min_ua:g} after every "
-                         f"validation request); the best worst UA is {best['worst_UA']:.1f} ({best['candidate']}, "
-                         "chosen).")
-    if unmet:
-        lines += ["", "Rows where no candidate reaches the UA floor (their reported runs use the best-erasing one):",
-                  "", *unmet]
-    (out / "tuning.md").write_text("\n".join(lines) + "\n")
-    (out / "tuning.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "tradeoff.json").write_text(json.dumps(frontier, indent=2) + "\n")
-    tradeoff_plot(frontier, out / "tradeoff.png", tuning.min_ua)
-
-
-CHOSEN_RUNS = "runs/chosen"  # the run_dir of a chosen overlay: runs/chosen/<method>-<row>
-DEFAULT_SEED = 42  # `cuig fit`'s seed_everything when no config sets it
-
-
-def _describe_settings(settings: dict) -> str:
-    """The updates of a row as text: ``ModelMerge density 0.4, lam 2.0; model.learning_rate 1e-05``."""
-    def text(value) -> str:
-        return "[" + ", ".join(f"{v:g}" for v in value) + "]" if isinstance(value, list) else f"{value:g}"
-
-    return "; ".join(f"{key} {text(value)}" if is_path(key)
-                     else f"{key} " + ", ".join(f"{arg} {text(v)}" for arg, v in value.items())
-                     for key, value in settings.items())
-
-
-def chosen_overlay(template: dict, settings: dict, method: str, row: str, seed: int) -> dict:
-    """A row's ready overlay: its template overlay with the chosen ``settings`` (exactly the ``tuned.yaml``
-    its reported runs use), ``trainer.run_dir`` moved to ``runs/chosen/<method>-<row>`` and the seed pinned
-    (``seed_everything`` and ``data.seed``, as the benchmark passes them) so that a plain ``cuig fit`` is the
-    benchmark's run of the row for ``seed``."""
-    overlay = apply_updates(template, settings)
-    trainer = overlay.get("trainer") or {}
-    overlay = {"seed_everything": seed, **{k: v for k, v in overlay.items() if k != "seed_everything"}}
-    overlay["trainer"] = {"run_dir": f"{CHOSEN_RUNS}/{method}-{row}", **trainer} if "run_dir" not in trainer else {
-        k: (f"{CHOSEN_RUNS}/{method}-{row}" if k == "run_dir" else v) for k, v in trainer.items()}
-    overlay["data"] = {**(overlay.get("data") or {}), "seed": seed}
-    return overlay
-
-
-def write_chosen_configs(plan: Plan, methods: dict[str, str], base: list[str], folder: Path,
-                         report: Path | None = None, output: Path | None = None,
-                         curve_seeds: int | None = None) -> list[Path]:
-    """Each table row's chosen hyperparameters (learning rate included) as a ready overlay
-    ``folder/<method>/<row>.yaml`` to put after the ``base`` configs (:func:`chosen_overlay`), with a header
-    saying what it is and how to run the table's seeds; a row whose tuning has not finished gets none.
-    Files are rewritten only when their text changes. Returns the paths written or kept."""
-    seed = base_value(base, "seed_everything")
-    seed = DEFAULT_SEED if seed is None else seed
-    first: dict[tuple[str, str], object] = {}
-    for run in plan.reported:
-        first.setdefault(run.key[:2], run)
-    base_args = " ".join(f"--config {c}" for c in base)
-    paths = []
-    for (method, row), run in first.items():
-        if not all(n.finished for n in run.needs):
-            continue  # its choice is not known yet
-        template = Path(methods[method]) / f"{row}.yaml"
-        settings = plan.settings(method, row)
-        overlay = chosen_overlay(yaml.safe_load(template.read_text()) or {}, settings, method, row, seed)
-        path = folder / method / f"{row}.yaml"
-        seeds = ", ".join(str(r.seed) for r in plan.reported if r.key[:2] == (method, row))
-        tuning_json = report / "tuning.json" if report else "tuning.json"
-        tuned = output / method / row / "tuned.yaml" if output else None
-        header = [
-            "# GENERATED by the report step of `cuig benchmark` -- do not edit; rebuild with the benchmark's config",
-            "# and --report_only true (the paper's table: "
-            "cuig benchmark --config configs/paper/main_table.yaml --report_only true).",
-            f"# The main table's {method} / {row} row as one complete overlay, after the base configs:",
-            f"#   cuig fit {base_args} --config {path}",
-            f"# trains what the table's run of this row trains for seed {seed} (seed_everything and data.seed "
-            "below);",
-            f"# add `--seed_everything S --data.seed S` for the table's seed S (the table: S = {seeds}).",
-            f"# Template: {template} (hand-written; its values may differ from the table's)",
-            *([f"# with the values chosen on the validation split ({tuning_json}):",
-               f"#   {_describe_settings(settings)}"] if settings else ["# as it is (no tuned values)"]),
-            *([f"# = {tuned} (the table runs' overlay), with run_dir and the seed."]
-              if tuned and tuned.is_file() else []),
-            f"# run_dir: {CHOSEN_RUNS}/{method}-{row}.",
-            *([f"# The table's runs also passed --trainer.curve_seeds={curve_seeds} (fewer evaluation seeds "
-               "between the", "# first and the last request): the same training and final metrics."]
-              if curve_seeds is not None else []),
-        ]
-        text = "\n".join(header) + "\n" + yaml.safe_dump(overlay, sort_keys=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.is_file() or path.read_text() != text:
-            path.write_text(text)
-        paths.append(path)
-    return paths
-
-
-def tradeoff_plot(frontier: dict, path: Path, min_ua: float) -> None:
-    """The trade-off frontier: per method a panel, per tuned row its candidates' (final validation UA, final
-    validation RA-I) joined in order of UA; the sequential row's sweep (the learning rate) as the reference
-    curve, drawn black and dashed; chosen candidates ringed; candidates stopped below the UA floor (no final
-    point) as grey crosses where they stopped, outside the lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(frontier) or ["(no finished tuning)"]
-    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.6), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        stopped = [p for points in frontier.get(method, {}).values() for p in points if p.get("stopped")]
-        if stopped:
-            ax.scatter([p["UA"] for p in stopped], [p["RA_I"] for p in stopped], marker="x", color="grey", s=30,
-                       label="stopped below the floor (where it stopped)", zorder=2)
-        for row, every in frontier.get(method, {}).items():
-            points = [p for p in every if not p.get("stopped")]
-            xs, ys = [p["UA"] for p in points], [p["RA_I"] for p in points]
-            if row == REFERENCE:
-                ax.plot(xs, ys, "s--", color="black", lw=2, ms=6, label=f"{row} (reference)", zorder=3)
-                for p in points:
-                    ax.annotate(p["candidate"], (p["UA"], p["RA_I"]), xytext=(3, 3), textcoords="offset points",
-                                fontsize=6)
-            else:
-                ax.plot(xs, ys, "o-", ms=4, lw=1, label=row)
-            chosen = [p for p in every if p["chosen"]]
-            ax.scatter([p["UA"] for p in chosen], [p["RA_I"] for p in chosen], s=110, facecolors="none",
-                       edgecolors="red", zorder=4)
-        ax.axvline(min_ua, color="grey", ls=":", lw=1)
-        ax.scatter([], [], s=110, facecolors="none", edgecolors="red", label="chosen")
-        ax.plot([], [], ":", color="grey", label=f"UA floor {min_ua:g} (the rule holds it at every request)")
-        ax.set_title(f"{method}: final validation RA-I vs UA over each row's tuning sweep", fontsize=9)
-        ax.set_xlabel("final validation UA (%)")
-        ax.set_ylabel("final validation RA-I (%)")
-        ax.set_xlim(-2, 102)
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def _mean(values: list[float]) -> float:
