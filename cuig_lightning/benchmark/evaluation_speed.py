@@ -155,9 +155,10 @@ def commit_id(commit: str) -> str:
     return subprocess.run(["git", "rev-parse", commit], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def time_job(repo: Path, commit: str, config: str, scratch: Path) -> dict:
+def time_job(repo: Path, commit: str, config: str, scratch: Path, logs: Path) -> dict:
     """Wall time of ``cuig fit --config config`` on a fresh clone of ``commit`` with an empty anchor cache
-    (what a new user runs), and the evaluation seconds its log reports."""
+    (what a new user runs), the evaluation seconds its log reports, and its log (stderr, not a terminal) as
+    ``logs/default_job_<commit>.log`` with its line and carriage-return counts."""
     clone = scratch / f"clone-{commit}"
     shutil.rmtree(clone, ignore_errors=True)
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
@@ -175,8 +176,10 @@ def time_job(repo: Path, commit: str, config: str, scratch: Path) -> dict:
         raise RuntimeError(f"the default job at {sha} failed: {done.stderr.strip().splitlines()[-1:]}")
     metrics = json.loads((clone / "runs" / "seq12" / "metrics.json").read_text())
     shutil.rmtree(clone, ignore_errors=True)
+    (logs / f"default_job_{sha}.log").write_text(done.stderr)
     return {"commit": sha, "wall_s": wall, "evaluation_s": sum(int(s) for s in EVALUATION_LINE.findall(done.stderr)),
-            "evaluation": describe_protocol(metrics[-1].get("evaluation")), "metrics": metrics}
+            "evaluation": describe_protocol(metrics[-1].get("evaluation")), "metrics": metrics,
+            "log_lines": done.stderr.count("\n"), "log_carriage_returns": done.stderr.count("\r")}
 
 
 def evaluation_speed(
@@ -257,7 +260,7 @@ def evaluation_speed(
     if time_commits:
         with tempfile.TemporaryDirectory(prefix="cuig-timing-") as scratch:
             result["wall_times"] = {"command": f"cuig fit --config {job}", "runs": [
-                cache.get(f"wall|{commit_id(c)}|{job}", lambda c=c: time_job(Path.cwd(), c, job, Path(scratch)))
+                cache.get(f"wall|{commit_id(c)}|{job}", lambda c=c: time_job(Path.cwd(), c, job, Path(scratch), out))
                 for c in time_commits]}
     write_json(result, out / "evaluation_speed.json")
     text = render(result)

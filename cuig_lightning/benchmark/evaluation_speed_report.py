@@ -86,11 +86,12 @@ def render(result: dict) -> str:
         lines += ["## The default main job, before and after (this machine, one after the other)", "",
                   f"`{w['command']}` on a fresh clone of each commit with an empty anchor cache; evaluation seconds "
                   "as the job's log reports them.", "",
-                  "| commit | evaluation protocol | wall time (s) | of which evaluation (s) | the rest (s) |",
-                  "|---|---|---|---|---|"]
+                  "| commit | evaluation protocol | wall time (s) | of which evaluation (s) | the rest (s) | log lines "
+                  "(carriage returns) |", "|---|---|---|---|---|---|"]
         for row in w["runs"]:
             lines.append(f"| {row['commit']} | {row['evaluation']} | {row['wall_s']:.0f} | {row['evaluation_s']:.0f} | "
-                         f"{row['wall_s'] - row['evaluation_s']:.0f} |")
+                         f"{row['wall_s'] - row['evaluation_s']:.0f} | [{row['log_lines']} ({row['log_carriage_returns']})]"
+                         f"(default_job_{row['commit']}.log) |")
         first, last = w["runs"][0], w["runs"][-1]
         lines += ["", f"End to end {first['wall_s'] / last['wall_s']:.2f}× faster; evaluation "
                   f"{first['evaluation_s'] / max(last['evaluation_s'], 1):.2f}× faster.", ""]
