@@ -211,7 +211,8 @@ def evaluation_speed(
         lever_images: images each lever variant samples (the first of the default job's grid after request 4).
         lever_batch_sizes: sampling batch sizes measured as a lever (default 48 and 192).
         compile_unet: include ``torch.compile`` of the UNet among the levers.
-        base_model: evaluate the base model over the full grid under the old protocol and every candidate.
+        base_model: evaluate the base model over the full grid under every candidate (the old protocol's numbers
+            are the instrument's: ``results/instrument.md``).
         time_commits: time the job (``job``, by default the default job) on a fresh clone of each of these commits of this
             repository, one after the other (e.g. ``[80cfd76, HEAD]``: before and after); run nothing else meanwhile.
         output: folder of ``evaluation_speed.md`` / ``.json`` and the cache of measured results.
@@ -250,7 +251,7 @@ def evaluation_speed(
         result["chosen"] = candidates[0]
     if base_model:
         result["base"] = {key: cache.get(f"base|{protocol_key(p)}|{seeds[:2]}", lambda p=p: _base(model, evaluation_config, p, seeds[:2]))
-                          for key, p in protocols.items()}
+                          for key, p in protocols.items() if key != "old"}
     if levers:
         probe = Evaluation(**evaluation_config, seeds=seeds[:1], save_samples=False)
         pairs = probe.grid(["Abstractionism", "Byzantine", "Cartoon", "Cold_Warm"], "style")[:lever_images]
