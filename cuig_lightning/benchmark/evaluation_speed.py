@@ -170,16 +170,17 @@ def time_job(repo: Path, commit: str, config: str, scratch: Path, logs: Path) ->
     start = time.perf_counter()
     # python -m from the clone: its own package is imported (the working directory comes first on sys.path)
     done = subprocess.run([sys.executable, "-m", "cuig_lightning", "fit", "--config", config], cwd=clone, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True)
     wall = time.perf_counter() - start
+    log = done.stderr.decode(errors="replace")  # as written: text mode would turn the bars' "\r" into newlines
     if done.returncode != 0:
-        raise RuntimeError(f"the default job at {sha} failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"the default job at {sha} failed: {log.strip().splitlines()[-1:]}")
     metrics = json.loads((clone / "runs" / "seq12" / "metrics.json").read_text())
     shutil.rmtree(clone, ignore_errors=True)
-    (logs / f"default_job_{sha}.log").write_text(done.stderr)
-    return {"commit": sha, "wall_s": wall, "evaluation_s": sum(int(s) for s in EVALUATION_LINE.findall(done.stderr)),
+    (logs / f"default_job_{sha}.log").write_bytes(done.stderr)
+    return {"commit": sha, "wall_s": wall, "evaluation_s": sum(int(s) for s in EVALUATION_LINE.findall(log)),
             "evaluation": describe_protocol(metrics[-1].get("evaluation")), "metrics": metrics,
-            "log_lines": done.stderr.count("\n"), "log_carriage_returns": done.stderr.count("\r")}
+            "log_lines": log.count("\n"), "log_carriage_returns": log.count("\r")}
 
 
 def evaluation_speed(
