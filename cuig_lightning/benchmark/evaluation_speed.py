@@ -147,7 +147,7 @@ def measure_levers(model: DiffusionModel, pairs: list[tuple[str, str]], referenc
 
 
 # ----------------------------------------------------------------------------------------------- wall time
-EVALUATION_LINE = re.compile(r"^\[cuig\] request \d+ .*\((\d+) s evaluation\)", re.M)
+EVALUATION_LINE = re.compile(r"\[cuig\] request \d+ [^\n]*?\((\d+) s evaluation\)")
 
 
 def commit_id(commit: str) -> str:
