@@ -167,6 +167,7 @@ def time_job(repo: Path, commit: str, config: str, scratch: Path, logs: Path) ->
                          capture_output=True, text=True).stdout.strip()
     env = {**os.environ, "CUIG_CACHE": str(scratch / f"cache-{commit}")}
     print(f"[evaluation-speed] timing the default job at {sha}", flush=True)
+    measured = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     start = time.perf_counter()
     # python -m from the clone: its own package is imported (the working directory comes first on sys.path)
     done = subprocess.run([sys.executable, "-m", "cuig_lightning", "fit", "--config", config], cwd=clone, env=env,
@@ -178,7 +179,7 @@ def time_job(repo: Path, commit: str, config: str, scratch: Path, logs: Path) ->
     metrics = json.loads((clone / "runs" / "seq12" / "metrics.json").read_text())
     shutil.rmtree(clone, ignore_errors=True)
     (logs / f"default_job_{sha}.log").write_bytes(done.stderr)
-    return {"commit": sha, "wall_s": wall, "evaluation_s": sum(int(s) for s in EVALUATION_LINE.findall(log)),
+    return {"commit": sha, "measured": measured, "wall_s": wall, "evaluation_s": sum(int(s) for s in EVALUATION_LINE.findall(log)),
             "evaluation": describe_protocol(metrics[-1].get("evaluation")), "metrics": metrics,
             "log_lines": log.count("\n"), "log_carriage_returns": log.count("\r")}
 
