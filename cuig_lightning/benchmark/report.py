@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from cuig_lightning.benchmark.plan import METRICS, REFERENCE, SIMULTANEOUS, Plan, base_value, load_rows, worst_ua
+from cuig_lightning.evaluation.protocol import describe_protocol
 
 PAPER = {  # the paper's main result (ConAbl, approximate)
     "sequential": (95, 20, 30), "simultaneous": (90, 70, 85), "l2": (92, 40, 75), "selft": (93, 35, 70),
@@ -138,7 +139,9 @@ def write_benchmark_report(plan: Plan, out: Path, base: list[str], min_ua: float
         f"# Main table on Canvas-mini (after the last request; mean ± std over seeds)\n\n{table}\n\n"
         "`RA-I < 50 first at`: the number of erased styles at which the seed-mean RA-I first drops below 50% "
         "(a simultaneous run erases all 12 in one request).\n"
-        f"Made by `cuig benchmark` from `{' + '.join(base)}`; per-request metrics of every run in per_request.csv."
+        f"Made by `cuig benchmark` from `{' + '.join(base)}`; per-request metrics of every run in per_request.csv.\n"
+        "Evaluation of the runs' last requests, as each run recorded it: "
+        f"{'; '.join(sorted({describe_protocol(c[-1].get('evaluation')) for c in results.values() if c}))}."
         f"{simultaneous}\n"
     )
     labelled = [*((m, r, s, res) for (m, r, s), res in results.items()),
