@@ -39,7 +39,7 @@ from cuig_lightning.checkpoints import DELTA, atomic_write, load_tensors, read_m
 from cuig_lightning.benchmark.evaluation_speed_report import (METRICS, describe_sampler, largest_difference,
                                                               protocol_key, render)
 from cuig_lightning.evaluation.protocol import Evaluation, describe_protocol
-from cuig_lightning.models.diffusion import DiffusionModel
+from cuig_lightning.models.diffusion import SAMPLERS, DiffusionModel
 from cuig_lightning.run_folder import RunFolder, saved_config
 
 class Cache:
@@ -228,8 +228,10 @@ def evaluation_speed(
         raise ValueError(f"{job} has no trainer.evaluation section (retain sets) to evaluate with")
     old = {"sampler": "ddim", "steps": 20}
     candidates = [dict(c) for c in candidates or [{k: evaluation_config.get(k) for k in ("sampler", "steps")}]]
-    if any(set(c) != {"sampler", "steps"} or c["sampler"] is None or c["steps"] is None for c in candidates):
-        raise ValueError(f"evaluation-speed: each candidate gives sampler and steps, got {candidates}")
+    if any(set(c) != {"sampler", "steps"} or c["sampler"] not in SAMPLERS or not isinstance(c["steps"], int)
+           or c["steps"] < 1 for c in candidates):
+        raise ValueError(f"evaluation-speed: each candidate gives a sampler ({', '.join(SAMPLERS)}) and steps >= 1, "
+                         f"got {candidates}")
     for key in ("seeds", "sampler", "steps"):
         evaluation_config.pop(key, None)
     seeds = list(seeds or [188, 288, 588])
