@@ -11,12 +11,14 @@ One report (``results/evaluation_speed.md`` + ``.json``) from four measurements:
   evaluated alone: the 3-seed value is the mean of the three (every seed has the same images per concept, so
   the mean equals the pooled metric) and the old protocol's seed spread comes with it. The rule: every
   per-request difference within ``tolerance`` points.
-* **Base model** over the full grid under both protocols (style and object accuracy).
-
-Resumable: each (run, request, protocol, seed) result is kept in ``evaluation_speed_cache.json`` beside the
-report, keyed by the request's delta checksum, so a rerun measures only what is missing.
+* **Base model** over the full grid under each candidate (style and object accuracy).
 * **Wall time** (:func:`time_job`, with ``time_commits``): the default job on a fresh clone of each commit with
   an empty cache, one after the other on this machine: before and after.
+
+Resumable: each measured result ((run, request, protocol, seed), base model, timed job) is kept in
+``evaluation_speed_cache.json`` beside the report, keyed by what it measured (a request by its delta's checksum, a
+job by its commit), so a rerun measures only what is missing. The report itself is
+:mod:`cuig_lightning.benchmark.evaluation_speed_report`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from cuig_lightning.benchmark.evaluation_speed_report import (METRICS, describe_
 from cuig_lightning.evaluation.protocol import Evaluation, describe_protocol
 from cuig_lightning.models.diffusion import SAMPLERS, DiffusionModel
 from cuig_lightning.run_folder import RunFolder, saved_config
+
 
 class Cache:
     """Measured results by key, written through to one JSON file (atomic), so an interrupted run resumes."""
