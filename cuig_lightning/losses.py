@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from cuig_lightning.models.diffusion import DiffusionModel, ddim_scheduler, sample_cfg, trajectory_stops
+from cuig_lightning.models.diffusion import DiffusionModel, sample_cfg, sampling_scheduler, trajectory_stops
 
 ConAblVariant = Literal["model", "noise"]
 
@@ -133,7 +133,7 @@ def esd_loss(
     nearest to the batch's t; the loss is evaluated at that step's timestep. Everything random is the
     batch's (ε, t), so the loss is as deterministic and resumable as the batch stream.
     """
-    scheduler = ddim_scheduler(model.scheduler, trajectory_steps)
+    scheduler = sampling_scheduler(model.scheduler, trajectory_steps, "ddim")
     cond = batch["cond_target"]
     stops = trajectory_stops(scheduler, batch["timesteps"])
     x_t, t = sample_cfg(model.unet, scheduler, batch["noise"], cond, uncond, guidance, stops=stops, upcast=True)

@@ -137,11 +137,11 @@ class Evaluation:
         self.bf16 = bf16
         self._classifiers: Classifiers | None = None
 
-    def settings(self, seeds: list[int] | None = None) -> dict:
+    def settings(self) -> dict:
         """What decides the evaluation's images (recorded beside every request's metrics): sampler, steps,
-        guidance, seeds (``seeds``: those a measurement used, when not :attr:`seeds`), bf16 autocast."""
-        return {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance,
-                "seeds": list(self.seeds if seeds is None else seeds), "bf16": self.bf16}
+        guidance, seeds, bf16 autocast."""
+        return {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance, "seeds": list(self.seeds),
+                "bf16": self.bf16}
 
     @property
     def classifiers(self) -> Classifiers:

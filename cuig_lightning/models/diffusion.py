@@ -190,11 +190,6 @@ def sampling_scheduler(noise_scheduler, steps: int, sampler: Sampler = "ddim"):
     return scheduler
 
 
-def ddim_scheduler(noise_scheduler, steps: int) -> DDIMScheduler:
-    """A DDIM sampler over ``steps`` steps (training-side trajectories: anchors, ESD)."""
-    return sampling_scheduler(noise_scheduler, steps, "ddim")
-
-
 def trajectory_stops(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Per item, the DDIM step whose timestep is nearest to the item's t (ties: the earlier step)."""
     grid = scheduler.timesteps.to(timesteps.device)
