@@ -12,11 +12,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.base import Regularizer
-from callbacks.masking import FrozenEntries
+from callbacks.masking import MASKINGS, GradientMask, Masking
 from callbacks.selective_finetuning import topk_mask
 
 DYNAMIC_MASK_JSON = "dynamic_mask.json"
 Accumulate = Literal["abs", "signed"]
+Warmup = Literal["dense", "frozen"]
 
 
 def turnover_at(step: int, max_steps: int, turnover: float) -> float:
@@ -41,29 +42,36 @@ def swap_mask(mask: Tensor, importance: Tensor, count: int) -> Tensor:
 
 
 class DynamicMask(Regularizer):
-    """Trains only a ``density`` fraction of every trainable tensor; the rest stays bitwise unchanged.
+    """Trains only a ``density`` fraction of every trainable tensor, the fraction renewed during training.
 
-    * Warm-up: the first ``warmup_steps`` optimizer steps only accumulate gradient magnitudes and update
-      nothing (no weight, no optimizer state), as the reference code, which skips ``optimizer.step()``
-      during warm-up. After the last warm-up step each tensor's active set is its top
-      ``round(density · numel)`` entries by accumulated importance.
-    * Importance accumulated per element: Σ|g| over steps (``accumulate="abs"``) or |Σg| (``"signed"``,
-      what the reference code does), g the gradient as this callback sees it in
-      ``on_before_optimizer_step`` (after DDP averaging, before clipping, after callbacks listed
-      before it, e.g. SelFT's zeroing or GradProj's projection; list this callback last). It is reset
-      after every mask change.
+    Defaults are the paper's code (CUIG ``train_sculpmem.py`` + ``src/dynamic_masking.py``); the other values
+    are cuig's behaviour before issue 33.
+
+    * Importance per element, accumulated since the last mask change: |Σg| (``accumulate="signed"``, the
+      reference) or Σ|g| (``"abs"``). With ``masking="backward"`` g is the raw gradient, read by the gradient
+      hook in backward before the mask (and before any projection or clipping; summed over DDP ranks when a
+      mask is made); with ``"held"`` it is the gradient as ``on_before_optimizer_step`` sees it, after the
+      callbacks listed before this one (e.g. GradProj's projection).
+    * Warm-up (``warmup_steps`` optimizer steps): ``"dense"`` (the reference) updates every weight for the
+      first ``warmup_steps − 1`` steps; after step ``warmup_steps`` each tensor's active set is its top
+      ``round(density · numel)`` entries by importance, and that step's gradient is dropped (the reference
+      zeroes it when it makes the mask). ``"frozen"`` updates nothing during the warm-up (no weight, no
+      optimizer state).
     * Swaps: after step s (s counted from 1, warm-up included) with s % swap_every == 0,
       warmup_steps < s < stop_fraction · max_steps, each tensor swaps its round(turnover_s · |active|)
       weakest active entries for its strongest inactive ones, turnover_s = turnover · ½(1 + cos(π s / max_steps)).
-    * Inactive entries get a zero gradient and are copied back after each optimizer step, so AdamW's
-      weight decay and momentum cannot move them; an entry swapped out keeps the value it had then.
+    * Inactive entries (:mod:`callbacks.masking`): ``masking="backward"`` zeroes their gradient in backward, so
+      a later projection may re-densify it and AdamW's momentum and weight decay still move them (the
+      reference); ``"held"`` zeroes it at the optimizer step and copies them back after it (bitwise unchanged;
+      an entry swapped out keeps the value it had then).
 
     Mask, accumulated importance and swap history are the callback state (resume is bitwise). At the
     end of a stage the swap history is written to ``dynamic_mask.json`` in the request folder.
     """
 
     def __init__(self, density: float = 0.5, warmup_steps: int = 50, swap_every: int = 100, turnover: float = 0.2,
-                 stop_fraction: float = 0.8, accumulate: Accumulate = "abs") -> None:
+                 stop_fraction: float = 0.8, accumulate: Accumulate = "signed", masking: Masking = "backward",
+                 warmup: Warmup = "dense") -> None:
         if not 0.0 < density <= 1.0:
             raise ValueError(f"DynamicMask density must be in (0, 1], got {density}")
         if warmup_steps < 1:
@@ -77,8 +85,13 @@ class DynamicMask(Regularizer):
             raise ValueError(f"DynamicMask stop_fraction must be in [0, 1], got {stop_fraction}")
         if accumulate not in ("abs", "signed"):
             raise ValueError(f"DynamicMask accumulate must be 'abs' or 'signed', got {accumulate!r}")
+        if masking not in MASKINGS:
+            raise ValueError(f"DynamicMask masking must be 'backward' or 'held', got {masking!r}")
+        if warmup not in ("dense", "frozen"):
+            raise ValueError(f"DynamicMask warmup must be 'dense' or 'frozen', got {warmup!r}")
         self.density, self.warmup_steps, self.swap_every = density, warmup_steps, swap_every
         self.turnover, self.stop_fraction, self.accumulate = turnover, stop_fraction, accumulate
+        self.masking, self.warmup = masking, warmup
         self.reset()
 
     # -- state -------------------------------------------------------------------------------
@@ -86,7 +99,9 @@ class DynamicMask(Regularizer):
         self.mask: dict[str, Tensor] | None = None  # bool, True = active (trained)
         self.importance: dict[str, Tensor] | None = None  # float32, accumulated since the last mask change
         self.history: list[dict] = []  # one entry per mask change
-        self._frozen = FrozenEntries()
+        if not hasattr(self, "_gradient_mask"):
+            self._gradient_mask = GradientMask(self.masking)
+        self._gradient_mask.clear()
         self._last_step = -1
 
     def stage_state(self) -> dict[str, Any] | None:
@@ -115,31 +130,42 @@ class DynamicMask(Regularizer):
         for state in (self.importance, self.mask) if self.mask is not None else (self.importance,):
             if set(state) != set(params) or any(state[n].shape != params[n].shape for n in state):
                 raise ValueError("DynamicMask state does not match the trainable tensors of this module")
+        self._gradient_mask.attach(params, self._observe if self.masking == "backward" else None)
         if self.mask is not None:
             # Inactive entries equal their held values after every step, so the current weights are the values to hold.
             self.mask = {n: m.to(params[n].device) for n, m in self.mask.items()}
-            self._frozen.hold(params, {n: ~m for n, m in self.mask.items()})
+            self._gradient_mask.set(params, self.mask)
         self._last_step = trainer.global_step
         if trainer.max_steps is not None and 0 < trainer.max_steps <= self.warmup_steps:
             rank_zero_warn(f"DynamicMask: warm-up ({self.warmup_steps} steps) covers the whole stage "
-                           f"({trainer.max_steps} steps): nothing will be trained")
+                           f"({trainer.max_steps} steps): " + ("nothing will be trained" if self.warmup == "frozen"
+                                                              else "every weight is trained, no mask is made"))
+
+    def _observe(self, name: str, grad: Tensor) -> None:
+        """Accumulate one gradient into the importance (``held``: at the optimizer step; ``backward``: the raw
+        gradient in backward, before the mask)."""
+        with torch.no_grad():
+            g = grad.float()
+            self.importance[name].add_(g.abs() if self.accumulate == "abs" else g)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         params = pl_module.trainable
-        with torch.no_grad():
+        if self.masking == "held":
             for n, p in params.items():
                 if p.grad is not None:
-                    g = p.grad.float()
-                    self.importance[n].add_(g.abs() if self.accumulate == "abs" else g)
-        if self.mask is None:  # warm-up: update nothing, not even the optimizer state
-            for p in params.values():
-                p.grad = None
-            if trainer.global_step + 1 >= self.warmup_steps:
-                self.mask = {n: topk_mask({n: self._scores(n)}, self.density)[n] for n in params}
-                self._frozen.hold(params, {n: ~m for n, m in self.mask.items()})
+                    self._observe(n, p.grad)
+        if self.mask is None:
+            last = trainer.global_step + 1 >= self.warmup_steps
+            if self.warmup == "frozen" or last:  # frozen: update nothing, not even the optimizer state
+                for p in params.values():
+                    p.grad = None
+            if last:
+                scores = self._scores(trainer)
+                self.mask = {n: topk_mask({n: scores[n]}, self.density)[n] for n in params}
+                self._gradient_mask.set(params, self.mask)
                 self._record(trainer.global_step + 1, "init", 0.0, 0, pl_module)
         else:
-            self._frozen.zero_grads(params)
+            self._gradient_mask.before_step(params)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._last_step:  # no optimizer step (gradient accumulation)
@@ -148,30 +174,36 @@ class DynamicMask(Regularizer):
         if self.mask is None:
             return
         params = pl_module.trainable
-        self._frozen.restore(params)
+        self._gradient_mask.after_step(params)
         if self._swap_due(step, trainer.max_steps):
             turnover = turnover_at(step, trainer.max_steps, self.turnover)
-            moved = 0
+            scores, moved = self._scores(trainer), 0
             for n in params:
                 count = round(turnover * int(self.mask[n].sum()))
-                new = swap_mask(self.mask[n], self._scores(n), count)
+                new = swap_mask(self.mask[n], scores[n], count)
                 moved += int((new & ~self.mask[n]).sum())
                 self.mask[n] = new
-            self._frozen.hold(params, {n: ~m for n, m in self.mask.items()})
+            self._gradient_mask.set(params, self.mask)
             self._record(step, "swap", turnover, moved, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.record(trainer, pl_module, DYNAMIC_MASK_JSON, {
             "density": self.density, "warmup_steps": self.warmup_steps, "swap_every": self.swap_every,
             "turnover": self.turnover, "stop_fraction": self.stop_fraction, "accumulate": self.accumulate,
-            "history": self.history})
+            "masking": self.masking, "warmup": self.warmup, "history": self.history})
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._frozen.clear()
+        self._gradient_mask.clear()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _scores(self, name: str) -> Tensor:
-        return self.importance[name].abs()
+    def _scores(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        """|importance| per tensor; ``backward`` read each rank's own gradients, so their sums are added up."""
+        scores = {}
+        for n, t in self.importance.items():
+            if self.masking == "backward" and trainer.world_size > 1:
+                t = trainer.strategy.reduce(t.clone(), reduce_op="sum")
+            scores[n] = t.abs()
+        return scores
 
     def _swap_due(self, step: int, max_steps: int) -> bool:
         return (step % self.swap_every == 0 and step > self.warmup_steps

@@ -12,12 +12,19 @@ value of that text) barely moves. ``source`` decides what C holds:
   and the column the states of its tokens, averaged (:func:`bare_name_embeddings`). Only the vectors differ
   from ``names``, and they are states the evaluation prompts never produce (none starts with the name; the
   text encoder is causal).
-* ``captions`` (the paper's code, used for its style table): one vector per caption of a fixed set of
-  generic captions (``pl_module.caption_embeddings``: the state of the caption's last content token as the
-  UNet sees it). The default set is :func:`cuig_lightning.data.captions.generic_captions` over the
-  vocabulary's objects (~200 style-less captions on Canvas-mini); ``captions`` gives a list or a text file
-  (SD-1.5). Captions naming a current target are dropped; an object request adds a caption for every
-  object erased before. C gets one column per caption.
+* ``captions`` (the paper's code, used for its tables): one column per prompt, by the paper's rule
+  (``pl_module.caption_embeddings``: after "an image ... of" the mean of the following tokens' states,
+  otherwise the state of the last content token, trailing punctuation skipped). The prompts: ``captions``
+  (a list or a text file; SD-1.5: e.g. the paper's ``Laion.txt``), else ``caption_set: anchors`` (the
+  default, the paper's code): a style request's own anchor prompts (ConAbl's anchor captions,
+  ``pl_module.anchor_prompts``), an object request's generated set, "An image in the style of {style}" for
+  every style of the vocabulary and "An image of a {object}" for every object but the current targets (those
+  erased before included); or ``caption_set: generic``: :func:`cuig_lightning.data.captions.generic_captions`
+  over the vocabulary's objects (~200 style-less captions on Canvas-mini; an object request adds a caption
+  for every object erased before). Prompts naming a current target are dropped.
+
+cuig before issue 33 is ``caption_set: generic, caption_token: last``: the token before EOS whatever it is, a
+period for captions ending in "." — a state that never occurs inside a training prompt.
 
 Whatever the source, near-duplicate columns (cosine > ``dedup``) are dropped, and C must not span the text
 width: with rank(C) = d, P ≈ 0 would freeze to_k / to_v, so that raises. The column count and rank are printed
@@ -40,12 +47,14 @@ from callbacks.base import Regularizer
 from callbacks.projection import (bare_name_embeddings, captions_digest, check_rank, dedup_indices, is_projected,
                                   projection_rank, projector, ridge, select_neighbours)
 from cuig_lightning.data.captions import generic_captions, names_concept, read_captions
-from cuig_lightning.requests import caption
+from cuig_lightning.models.diffusion import ColumnToken
+from cuig_lightning.requests import caption, concept_text
 
 __all__ = ["GRADIENT_PROJECTION_JSON", "GradientProjection", "bare_name_embeddings", "captions_digest", "check_rank",
            "dedup_indices", "is_projected", "projection_rank", "projector", "ridge", "select_neighbours"]
 
 GRADIENT_PROJECTION_JSON = "gradient_projection.json"
+SOURCES = ("names", "bare_names", "captions")
 
 
 class GradientProjection(Regularizer):
@@ -63,21 +72,29 @@ class GradientProjection(Regularizer):
             are removed, the concepts erased before added.
         mode: ``names`` / ``bare_names``: ``topk`` or ``all`` (the whole deduplicated pool).
         source: ``names`` (C from concept names inside a prompt), ``bare_names`` (the same concepts, each
-            name embedded alone) or ``captions`` (C from generic captions; the paper's code).
-        captions: ``captions``: the caption list, or a text file with one caption per line; default
-            :func:`cuig_lightning.data.captions.generic_captions` over the vocabulary's objects.
-        dedup: a column whose cosine with an already kept one exceeds this is dropped.
+            name embedded alone) or ``captions`` (C from prompts; the paper's code).
+        captions: ``captions``: the prompt list, or a text file with one per line; default: ``caption_set``.
+        dedup: a column whose cosine with an already kept one exceeds this is dropped (the paper's 0.95).
+        caption_set: ``captions`` without ``captions``: ``anchors`` (the paper's code: the request's anchor
+            prompts; for objects the paper's generated prompts) or ``generic`` (cuig before issue 33).
+        caption_token: ``captions``: a caption's column is its last content token's state (``content``, the
+            paper's code) or its last token's before EOS (``last``, cuig before issue 33).
     """
 
     def __init__(self, k: int = 5, pool: list[str] | None = None, mode: Literal["topk", "all"] = "topk",
                  source: Literal["names", "bare_names", "captions"] = "names", captions: list[str] | str | None = None,
-                 dedup: float = 0.95) -> None:
+                 dedup: float = 0.95, caption_set: Literal["anchors", "generic"] = "anchors",
+                 caption_token: ColumnToken = "content") -> None:
         if mode not in ("topk", "all"):
             raise ValueError(f"unknown GradientProjection mode {mode!r}; use topk or all")
         if k < 1:
             raise ValueError(f"GradientProjection k must be >= 1, got {k}")
-        if source not in ("names", "bare_names", "captions"):
-            raise ValueError(f"unknown GradientProjection source {source!r}; use names, bare_names or captions")
+        if source not in SOURCES:
+            raise ValueError(f"unknown GradientProjection source {source!r}; use {', '.join(SOURCES)}")
+        if caption_set not in ("anchors", "generic"):
+            raise ValueError(f"unknown GradientProjection caption_set {caption_set!r}; use anchors or generic")
+        if caption_token not in ("content", "last"):
+            raise ValueError(f"unknown GradientProjection caption_token {caption_token!r}; use content or last")
         if not 0.0 < dedup <= 1.0:
             raise ValueError(f"GradientProjection dedup must be in (0, 1], got {dedup}")
         if source != "captions" and captions is not None:
@@ -89,6 +106,7 @@ class GradientProjection(Regularizer):
         if isinstance(captions, list) and (not captions or not all(isinstance(c, str) and c.strip() for c in captions)):
             raise ValueError("GradientProjection captions must be a non-empty list of non-empty strings")
         self.k, self.mode, self.source, self.dedup = k, mode, source, dedup
+        self.caption_set, self.caption_token = caption_set, caption_token
         self.pool = list(pool) if pool is not None else None
         self.captions = list(captions) if isinstance(captions, list) else captions
         self.neighbours: list[str] | None = None  # names, bare_names: the protected concepts
@@ -126,8 +144,12 @@ class GradientProjection(Regularizer):
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.source == "captions" and not callable(getattr(pl_module, "caption_embeddings", None)):
-            raise TypeError(f"GradientProjection(source=captions) needs {type(pl_module).__name__}."
-                            "caption_embeddings(captions) -> (n, d)")
+            raise TypeError(f"GradientProjection(source={self.source}) needs {type(pl_module).__name__}."
+                            "caption_embeddings(captions, token) -> (n, d)")
+        if (self._uses_anchors(getattr(pl_module, "stage", None))
+                and not callable(getattr(pl_module, "anchor_prompts", None))):
+            raise TypeError(f"GradientProjection(caption_set=anchors) needs {type(pl_module).__name__}."
+                            "anchor_prompts() -> the stage's anchor prompts")
         diffusion = getattr(pl_module, "diffusion", None)
         if self.source == "bare_names" and not callable(getattr(diffusion, "encode_text", None)):
             raise TypeError(f"GradientProjection(source=bare_names) needs {type(pl_module).__name__}.diffusion "
@@ -143,10 +165,16 @@ class GradientProjection(Regularizer):
         targets = set(stage.targets)
         return list(dict.fromkeys(c for c in pool if c not in targets))
 
-    def caption_set(self, stage) -> list[str]:
-        """The captions C is made from (``source: captions``), in order: the given list or file, or
-        :func:`generic_captions` over the vocabulary's objects; those naming a current target dropped; for
-        an object stage, "A {object} image." added for every object erased before; repeats once."""
+    def prompts_for(self, stage, anchor_prompts: list[str] | None = None) -> list[str]:
+        """The prompts C is made from, in order, repeats once.
+
+        ``caption_set: anchors`` without ``captions``: a style stage's ``anchor_prompts`` (those naming a
+        current target dropped); an object stage's "An image in the style of {style}" for every style of the
+        vocabulary, then "An image of a {object}" for every object but the current targets. Otherwise the
+        given list or file, or :func:`generic_captions` over the vocabulary's objects; those naming a current
+        target dropped; for an object stage, "A {object} image." added for every object erased before."""
+        if self.captions is None and self.caption_set == "anchors":
+            return self._anchor_set(stage, anchor_prompts)
         if self.captions is None:
             objects = stage.vocabulary.get("object") or []
             if not objects:
@@ -165,6 +193,28 @@ class GradientProjection(Regularizer):
         if not captions:
             raise ValueError(f"GradientProjection: no caption left once those naming {stage.targets} are dropped")
         return captions
+
+    def _uses_anchors(self, stage) -> bool:
+        """Whether C comes from the stage's anchor prompts (a style stage under ``caption_set: anchors``)."""
+        return (self.source == "captions" and self.captions is None and self.caption_set == "anchors"
+                and getattr(stage, "domain", "style") != "object")
+
+    @staticmethod
+    def _anchor_set(stage, anchor_prompts: list[str] | None) -> list[str]:
+        if stage.domain == "object":
+            styles, objects = stage.vocabulary.get("style") or [], stage.vocabulary.get("object") or []
+            if not objects:
+                raise ValueError("GradientProjection(caption_set=anchors) writes an object request's prompts from the "
+                                 "vocabulary's styles and objects, and this vocabulary has no objects")
+            prompts = ([f"An image in the style of {concept_text(s)}" for s in styles]
+                       + [f"An image of a {concept_text(o)}" for o in objects if o not in stage.targets])
+        else:
+            prompts = [p for p in anchor_prompts or [] if not any(names_concept(p, t) for t in stage.targets)]
+        prompts = list(dict.fromkeys(prompts))
+        if not prompts:
+            raise ValueError(f"GradientProjection(caption_set=anchors): no anchor prompt left for {stage.targets} "
+                             "(none given, or all of them name a target)")
+        return prompts
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         with torch.no_grad():
@@ -219,18 +269,21 @@ class GradientProjection(Regularizer):
     def _caption_matrix(self, pl_module: pl.LightningModule) -> tuple[Tensor, dict, str]:
         """C from the caption set (the same on every rank), the record, and what it protects in words."""
         stage = pl_module.stage
-        captions = self.caption_set(stage)
+        anchors = pl_module.anchor_prompts() if self._uses_anchors(stage) else None
+        captions = self.prompts_for(stage, anchors)
         digest = captions_digest(captions)
         if self.check_stage(pl_module, "captions were") and digest != self.captions_sha256:
             raise ValueError("GradientProjection: the checkpoint was made with another caption set "
                              f"(sha256 {self.captions_sha256[:12]}, now {digest[:12]}); refusing to resume")
         self.captions_sha256 = digest
-        vectors = pl_module.caption_embeddings(list(captions))
+        vectors = pl_module.caption_embeddings(list(captions), self.caption_token)
         if vectors.ndim != 2 or vectors.shape[0] != len(captions):
             raise ValueError(f"caption_embeddings must return ({len(captions)}, d), got {tuple(vectors.shape)}")
         vectors = vectors.detach().to("cpu", torch.float64)
         kept = dedup_indices(vectors, self.dedup)
-        record = {"source": "captions", "dedup": self.dedup, "targets": stage.targets, "captions": len(captions),
+        record = {"source": self.source, "caption_set": "given" if self.captions is not None else self.caption_set,
+                  "caption_token": self.caption_token, "dedup": self.dedup,
+                  "targets": stage.targets, "captions": len(captions),
                   "captions_sha256": digest, "kept": [captions[i] for i in kept]}
         return vectors[kept].T, record, f"{len(kept)} of {len(captions)} captions (near-duplicates dropped)"
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from callbacks.base import Regularizer
-from callbacks.masking import FrozenEntries
+from callbacks.masking import MASKINGS, GradientMask, Masking
 
 
 def topk_mask(importance: Mapping[str, Tensor], fraction: float) -> dict[str, Tensor]:
@@ -42,25 +42,31 @@ class SelectiveFineTuning(Regularizer):
 
     g is the unlearning-loss gradient summed over ``num_timesteps`` batches walking a DDIM
     trajectory on the target prompts. The mask is computed once per stage on rank 0 and broadcast,
-    and it is part of the callback state so a resumed stage reuses it. Frozen elements get a zero
-    gradient and are copied back from the stage start after every step, because AdamW's weight
-    decay and momentum would otherwise still move them.
+    and it is part of the callback state so a resumed stage reuses it.
+
+    ``masking`` (:mod:`callbacks.masking`): ``backward`` (the paper's code) masks the gradient during backward,
+    so with GradProj the projection comes after the mask and may re-densify it (unselected elements then move),
+    and AdamW's weight decay still moves unselected elements; ``held`` masks after the callbacks listed before
+    it and copies unselected elements back from the stage start after every step (bitwise unchanged).
     """
 
-    def __init__(self, topk: float = 0.05, num_timesteps: int = 50) -> None:
+    def __init__(self, topk: float = 0.05, num_timesteps: int = 50, masking: Masking = "backward") -> None:
         if not 0.0 < topk <= 1.0:
             raise ValueError(f"SelectiveFineTuning topk must be in (0, 1], got {topk}")
         if num_timesteps < 1:
             raise ValueError(f"SelectiveFineTuning num_timesteps must be >= 1, got {num_timesteps}")
+        if masking not in MASKINGS:
+            raise ValueError(f"unknown SelectiveFineTuning masking {masking!r}; use backward or held")
         self.topk = topk
         self.num_timesteps = num_timesteps
+        self.masking = masking
         self.mask: dict[str, Tensor] | None = None  # bool, CPU; the state that is checkpointed
-        self._frozen = FrozenEntries()  # unselected entries, held at the stage start
+        self._gradient_mask = GradientMask(masking)
 
     # -- state -------------------------------------------------------------------------------
     def reset(self) -> None:
         self.mask = None
-        self._frozen.clear()
+        self._gradient_mask.clear()
 
     def stage_state(self) -> dict[str, Any] | None:
         return None if self.mask is None else {"mask": {n: m.cpu() for n, m in self.mask.items()}}
@@ -73,19 +79,20 @@ class SelectiveFineTuning(Regularizer):
         if not self.check_stage(pl_module, "mask was"):
             self.mask = self.from_rank_zero(trainer, lambda: self._compute_mask(pl_module))
         self._check_mask(pl_module)
-        self._frozen.hold(pl_module.trainable, {n: ~m for n, m in self.mask.items()}, pl_module.start_weights)
+        self._gradient_mask.attach(pl_module.trainable)
+        self._gradient_mask.set(pl_module.trainable, self.mask, pl_module.start_weights)
         selected = sum(int(m.sum()) for m in self.mask.values())
         total = sum(m.numel() for m in self.mask.values())
         pl_module.print(f"SelFT: training {selected} of {total} trainable elements ({self.topk:.2%})")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        self._frozen.zero_grads(pl_module.trainable)
+        self._gradient_mask.before_step(pl_module.trainable)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        self._frozen.restore(pl_module.trainable)
+        self._gradient_mask.after_step(pl_module.trainable)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._frozen.clear()
+        self._gradient_mask.clear()
 
     # -- helpers -----------------------------------------------------------------------------
     def _compute_mask(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:

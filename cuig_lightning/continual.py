@@ -46,10 +46,12 @@ class ContinualTrainer(L.Trainer):
         stop_below_ua: end the job after the first request whose UA is below this (percent): the rest of the
             sequence is not run (a tuning candidate that stops erasing can no longer be chosen). It does not
             change what is trained, so a later run of the folder without it continues the sequence.
-        measure_retention: when RA-I / RA-C are measured: ``every_request`` (the curves need them) or
-            ``last_request`` (and at a ``stop_below_ua`` stop): before that only UA is sampled, the erased
-            concepts' part of the grid (what a tuning candidate's rule reads, about 2.5x less evaluation over
-            12 requests). Like ``stop_below_ua`` it changes nothing that is trained: not part of the run identity.
+        measure_retention: when RA-I / RA-C are measured: ``every_request`` (the curves need them),
+            ``last_request`` (and at a ``stop_below_ua`` stop), or after the requests of a list (1-based, e.g.
+            ``[1, 4, 8, 12]``; the last request always): elsewhere only UA is sampled, the erased concepts' part
+            of the grid (what a tuning candidate's rule reads, about 2.5x less evaluation over 12 requests with
+            ``last_request``). Like ``stop_below_ua`` it changes nothing that is trained: not part of the run
+            identity.
         curve_seeds: with ``every_request``, RA-I / RA-C between the first and the last request from the first
             ``curve_seeds`` evaluation seeds (metrics key ``RA_seeds``), UA still from every seed (the
             matched-forgetting check reads it at every request): a 12-request run at about 64% of the
@@ -69,7 +71,7 @@ class ContinualTrainer(L.Trainer):
         until_ua: float | None = None,
         until_ua_every: int = 20,
         stop_below_ua: float | None = None,
-        measure_retention: Literal["every_request", "last_request"] = "every_request",
+        measure_retention: Literal["every_request", "last_request"] | list[int] = "every_request",
         curve_seeds: int | None = None,
         **kwargs: Any,
     ):
@@ -80,9 +82,10 @@ class ContinualTrainer(L.Trainer):
                              f"until_ua_every >= 1 (got {until_ua_every})")
         if stop_below_ua is not None and evaluation is None:
             raise ValueError("trainer.stop_below_ua needs trainer.evaluation (it reads each request's UA)")
-        if measure_retention not in ("every_request", "last_request"):
-            raise ValueError("trainer.measure_retention must be every_request or last_request, "
-                             f"got {measure_retention!r}")
+        if not (measure_retention in ("every_request", "last_request") or (
+                isinstance(measure_retention, list) and all(isinstance(n, int) and n >= 1 for n in measure_retention))):
+            raise ValueError("trainer.measure_retention must be every_request, last_request or a list of request "
+                             f"numbers (>= 1), got {measure_retention!r}")
         if curve_seeds is not None and (evaluation is None or curve_seeds < 1):
             raise ValueError("trainer.curve_seeds needs trainer.evaluation and must be >= 1, "
                              f"got {curve_seeds}")
@@ -215,7 +218,9 @@ class ContinualTrainer(L.Trainer):
         model.to(trainer.strategy.root_device)
         result, samples, evaluation = None, stage.request_dir / SAMPLES, self.evaluation
         fewer_seeds = self.curve_seeds is not None and stage.index > 0 and self.curve_seeds < len(evaluation.seeds)
-        if not last and self.measure_retention == "last_request":
+        measured_here = (self.measure_retention == "every_request" or (
+            isinstance(self.measure_retention, list) and stage.index + 1 in self.measure_retention))
+        if not last and not measured_here:
             ua = evaluation.unlearn_accuracy(model.diffusion, stage.erased, stage.domain)
             if self.stop_below_ua is None or ua >= self.stop_below_ua:
                 result = {"UA": ua}

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from callbacks.dynamic_mask import DynamicMask
+from callbacks.masking import Masking
 from cuig_lightning.losses import ConAblVariant, SculpMemLoss, conabl_loss, esd_loss, sculpmem_loss
 from cuig_lightning.models.diffusion import TrainableGroup
 
@@ -38,6 +39,12 @@ class Method:
         """Callbacks the method trains under (fresh instances: one call per stage's ``fit``)."""
         return []
 
+    def detaches_first_token(self) -> bool:
+        """Whether training gives the first text position's cross-attention key / value no gradient
+        (:func:`cuig_lightning.models.diffusion.detach_first_text_position`). A method, not an attribute, so
+        that jsonargparse's lazy default instance is built before it answers."""
+        return getattr(self, "detach_first_token", False)
+
 
 class ConAbl(Method):
     """Concept Ablation: the target prompt learns to predict what the anchor prompt predicts.
@@ -46,13 +53,16 @@ class ConAbl(Method):
         trainable: parameter group trained (``xattn_kv``, ``xattn`` or ``full``).
         variant: ``model`` (anchor prediction of the current UNet) or ``noise`` (the true noise).
         anchor_preservation: weight of the optional anchor-preservation term.
+        detach_first_token: the first text position's key / value get no gradient, as in the paper's code
+            (and Concept Ablation's); False trains them (cuig before issue 33).
     """
 
     def __init__(self, trainable: TrainableGroup = "xattn_kv", variant: ConAblVariant = "model",
-                 anchor_preservation: float = 0.0):
+                 anchor_preservation: float = 0.0, detach_first_token: bool = True):
         if variant not in ("model", "noise"):
             raise ValueError(f"unknown ConAbl variant {variant!r}; choose model or noise")
         self.trainable, self.variant, self.anchor_preservation = trainable, variant, anchor_preservation
+        self.detach_first_token = detach_first_token
 
     def loss(self, module, batch: dict) -> torch.Tensor:
         return conabl_loss(module.diffusion, batch, self.variant, self.anchor_preservation)
@@ -69,14 +79,16 @@ class SculpMem(Method):
             forget term + ``align_scale`` · MSE(ε_θ(z_t, t, c_anchor), ε); see :func:`losses.sculpmem_loss`).
         align_scale: weight of the ``original`` alignment term (reference 0.25).
         variant / anchor_preservation: as for :class:`ConAbl` (``loss: conabl`` only).
-        density, warmup_steps, swap_every, turnover, stop_fraction, accumulate: the dynamic mask's schedule
-            (see ``callbacks.DynamicMask``).
+        density, warmup_steps, swap_every, turnover, stop_fraction, accumulate, masking, warmup: the dynamic
+            mask's schedule and how it is applied (see ``callbacks.DynamicMask``; the defaults are the paper's code).
+        detach_first_token: as for :class:`ConAbl`.
     """
 
     def __init__(self, trainable: TrainableGroup = "xattn_kv", loss: SculpMemLoss = "conabl", align_scale: float = 0.25,
                  variant: ConAblVariant = "model", anchor_preservation: float = 0.0, density: float = 0.5,
                  warmup_steps: int = 50, swap_every: int = 100, turnover: float = 0.2, stop_fraction: float = 0.8,
-                 accumulate: Literal["abs", "signed"] = "abs"):
+                 accumulate: Literal["abs", "signed"] = "signed", masking: Masking = "backward",
+                 warmup: Literal["dense", "frozen"] = "dense", detach_first_token: bool = True):
         if loss not in ("conabl", "original"):
             raise ValueError(f"unknown SculpMem loss {loss!r}; choose conabl or original")
         if loss == "original" and (anchor_preservation > 0 or variant != "model"):
@@ -84,8 +96,9 @@ class SculpMem(Method):
                              "forget target: leave anchor_preservation 0 and variant model")
         self.trainable, self.form, self.align_scale = trainable, loss, align_scale
         self.variant, self.anchor_preservation = variant, anchor_preservation
+        self.detach_first_token = detach_first_token
         self.mask_args = dict(density=density, warmup_steps=warmup_steps, swap_every=swap_every, turnover=turnover,
-                              stop_fraction=stop_fraction, accumulate=accumulate)
+                              stop_fraction=stop_fraction, accumulate=accumulate, masking=masking, warmup=warmup)
         self.callbacks()  # check the mask's arguments now, not at the first stage
 
     def loss(self, module, batch: dict) -> torch.Tensor:

@@ -14,7 +14,8 @@ import torch
 from jsonargparse import lazy_instance
 
 from cuig_lightning.methods import ConAbl, Method
-from cuig_lightning.models.diffusion import DiffusionModel, trainable_names
+from cuig_lightning.models.diffusion import (ColumnToken, DiffusionModel, detach_first_text_position,
+                                             trainable_names)
 from cuig_lightning.requests import Stage
 
 
@@ -88,6 +89,8 @@ class UnlearningModule(L.LightningModule):
         self.trainable: dict[str, torch.nn.Parameter] = {n: params[n] for n in trainable_names(unet, method.trainable)}
         for p in self.trainable.values():
             p.requires_grad_(True)
+        if method.detaches_first_token():
+            detach_first_text_position(unet)  # for the module's lifetime: it only changes gradients
         self.base_weights = self.snapshot()  # θ0
         self.start_weights = self.base_weights  # θ(n-1)*, replaced at every stage
         self.stage: Stage | None = None
@@ -129,21 +132,14 @@ class UnlearningModule(L.LightningModule):
     def concept_embeddings(self, names: list[str]) -> torch.Tensor:
         return self.diffusion.concept_embeddings(names, self.stage.domain if self.stage is not None else "style")
 
-    @torch.no_grad()
-    def caption_embeddings(self, captions: list[str], batch_size: int = 64) -> torch.Tensor:
-        """One vector per caption, ``(len(captions), d)`` (GradProj's ``source: captions``): the state of the
-        caption's last content token (the one before EOS / [SEP]) among the states the UNet sees
-        (:meth:`DiffusionModel.encode_text`). The text encoder is causal, so it is the first state that has
-        read the whole caption; the paper's code takes the same state for its generic captions."""
-        diffusion, out = self.diffusion, []
-        for i in range(0, len(captions), batch_size):
-            chunk = captions[i : i + batch_size]
-            states = diffusion.encode_text(chunk)
-            # token counts with BOS/CLS and EOS/SEP, truncated exactly as encode_text truncates
-            ids = diffusion.tokenizer(chunk, truncation=True, max_length=diffusion.max_length).input_ids
-            last = torch.tensor([len(x) - 2 for x in ids], device=states.device)
-            out.append(states[torch.arange(len(chunk), device=states.device), last])
-        return torch.cat(out)
+    def caption_embeddings(self, captions: list[str], token: ColumnToken = "content") -> torch.Tensor:
+        """One vector per caption, ``(len(captions), d)``: GradProj's columns by the paper's rule
+        (:meth:`DiffusionModel.prompt_columns`; ``token``: the last content token or the token before EOS)."""
+        return self.diffusion.prompt_columns(captions, token)
+
+    def anchor_prompts(self) -> list[str]:
+        """This stage's anchor prompts (ConAbl's anchor captions), each once: GradProj's ``source: anchors``."""
+        return self.trainer.datamodule.anchor_prompts(self.stage)
 
     # ------------------------------------------------------------------ Lightning
     def configure_callbacks(self) -> list:

@@ -73,11 +73,20 @@ LATER_OPTIONS = {("trainer", "until_ua"): (None,), ("trainer", "until_ua_every")
                  ("data", "style_templates"): (None, DEFAULT_STYLE_TEMPLATES),
                  ("model", "optimizer"): ("adamw",), ("model", "momentum"): (0.0,)}
 #: The same for callbacks' init_args (the resolved config lists every one, defaults included): class_path ->
-#: {init arg: the value that trains as before it existed}.
+#: {init arg: the value that trains as before it existed} (issue 33's options: cuig's earlier behaviour).
 LATER_CALLBACK_OPTIONS = {
-    path: {"source": "names", "captions": None, "dedup": 0.95}
-    for path in ("callbacks.GradientProjection", "callbacks.gradient_projection.GradientProjection")
+    **{f"callbacks.{path}GradientProjection": {"source": "names", "captions": None, "dedup": 0.95,
+                                               "caption_set": "generic", "caption_token": "last"}
+       for path in ("", "gradient_projection.")},
+    **{f"callbacks.{path}SelectiveFineTuning": {"masking": "held"} for path in ("", "selective_finetuning.")},
 }
+#: The same for the base method (``model.method``).
+LATER_METHOD_OPTIONS = {
+    "cuig_lightning.methods.ConAbl": {"detach_first_token": False},
+    "cuig_lightning.methods.SculpMem": {"detach_first_token": False, "masking": "held", "warmup": "frozen"},
+}
+#: Callback options that mean nothing for some values of another option (dropped from the identity there).
+UNUSED_CALLBACK_OPTIONS = {k: ("source", ("names", "bare_names")) for k in ("caption_token", "caption_set")}
 
 
 class RunFolderError(RuntimeError):
@@ -101,17 +110,22 @@ def run_identity(config: dict) -> dict:
         if isinstance(identity[section], dict) and key in identity[section] and identity[section][key] in before:
             identity[section].pop(key)
     if isinstance(identity["trainer"].get("callbacks"), list):
-        identity["trainer"]["callbacks"] = [_without_later_options(c) for c in identity["trainer"]["callbacks"]]
+        identity["trainer"]["callbacks"] = [_without_later_options(c, LATER_CALLBACK_OPTIONS)
+                                            for c in identity["trainer"]["callbacks"]]
+    if isinstance(identity["model"], dict) and isinstance(identity["model"].get("method"), dict):
+        identity["model"]["method"] = _without_later_options(identity["model"]["method"], LATER_METHOD_OPTIONS)
     return identity
 
 
-def _without_later_options(callback: Any) -> Any:
-    """A resolved callback entry without its :data:`LATER_CALLBACK_OPTIONS` at their old-behaviour values."""
-    later = LATER_CALLBACK_OPTIONS.get(callback.get("class_path")) if isinstance(callback, dict) else None
-    args = callback.get("init_args") if later else None
+def _without_later_options(entry: Any, later_options: dict[str, dict]) -> Any:
+    """An entry without its later options at old-behaviour values or unused (:data:`UNUSED_CALLBACK_OPTIONS`)."""
+    later = later_options.get(entry.get("class_path")) if isinstance(entry, dict) else None
+    args = entry.get("init_args") if later else None
     if not isinstance(args, dict):
-        return callback
-    return {**callback, "init_args": {k: v for k, v in args.items() if k not in later or later[k] != v}}
+        return entry
+    unused = {k for k, (other, values) in UNUSED_CALLBACK_OPTIONS.items() if args.get(other) in values}
+    return {**entry, "init_args": {k: v for k, v in args.items()
+                                   if k not in unused and (k not in later or later[k] != v)}}
 
 
 def identity_hash(config: dict) -> str:

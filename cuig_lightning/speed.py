@@ -4,7 +4,7 @@ Parts with random weights are built from configs (nothing is downloaded) and wri
 in a temporary directory, which :class:`~cuig_lightning.module.UnlearningModule` loads as a user's model:
 
 * ``size: sd15``: the Stable Diffusion 1.5 UNet, CLIP ViT-L/14 text encoder and VAE configs (random weights);
-* ``size: tiny``: :func:`~cuig_lightning.models.diffusion.build_tiny_sd` (what the tests use; fast on a CPU).
+* ``size: tiny``: :func:`~cuig_lightning.models.tiny_sd.build_tiny_sd` (what the tests use; fast on a CPU).
 
 Both use the offline character-level CLIP tokenizer that ``build_tiny_sd`` writes (SD's BPE vocabulary would
 need a download): token counts per prompt differ from SD's, every prompt is padded to 77 tokens all the same.

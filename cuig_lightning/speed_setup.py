@@ -14,7 +14,7 @@ from typing import Iterator, Literal
 import torch
 
 from cuig_lightning.data.anchors import PairedPrompts, StageTensors, UnlearningData
-from cuig_lightning.models.diffusion import build_tiny_sd
+from cuig_lightning.models.tiny_sd import build_tiny_sd
 from cuig_lightning.module import UnlearningModule
 from cuig_lightning.requests import Request, Stage
 

@@ -25,7 +25,7 @@ OBJECTS = ["Dogs", "Cats", "Animals"]
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
-    from cuig_lightning.models.diffusion import build_tiny_sd
+    from cuig_lightning.models.tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
 

@@ -70,7 +70,9 @@ def write_chosen_configs(plan: Plan, methods: dict[str, str], base: list[str], f
             f"# The main table's {method} / {row} row as one complete overlay, after the base configs:",
             f"#   cuig fit {base_args} --config {path}",
             f"# trains what the table's run of this row trains for seed {seed} (seed_everything and data.seed "
-            "below);",
+            "below),",
+            "# with the defaults of the cuig that runs it: a default changed since the table was made (docs/method.md,",
+            "# \"As the paper's code\") trains differently until the table is re-run;",
             f"# add `--seed_everything S --data.seed S` for the table's seed S (the table: S = {seeds}).",
             f"# Template: {template} (hand-written; its values may differ from the table's)",
             *([f"# with the values chosen on the validation split ({tuning_json}):",

@@ -30,8 +30,8 @@ class Run:
     overrides: list[str] = field(default_factory=list)  # options after the configs, e.g. --trainer.requests=[...]
     # end the job after a request with UA below this (trainer.stop_below_ua); not part of the run's identity
     stop_below_ua: float | None = None
-    # trainer.measure_retention; not part of the run's identity either
-    measure_retention: str = "every_request"
+    # trainer.measure_retention (a name or a list of request numbers); not part of the run's identity either
+    measure_retention: str | list[int] = "every_request"
     # trainer.curve_seeds (RA-I / RA-C between the first and last request from fewer seeds); nor this
     curve_seeds: int | None = None
     _finished: bool = field(default=False, init=False, repr=False)  # once true it stays true: polled every second
@@ -96,7 +96,8 @@ class Run:
         (self.run_dir / "benchmark.json").write_text(json.dumps(self.stamp(), indent=1))
         economy = [] if self.stop_below_ua is None else [f"--trainer.stop_below_ua={self.stop_below_ua}"]
         if self.measure_retention != "every_request":
-            economy.append(f"--trainer.measure_retention={self.measure_retention}")
+            value = self.measure_retention
+            economy.append(f"--trainer.measure_retention={value if isinstance(value, str) else json.dumps(value)}")
         elif self.curve_seeds is not None:
             economy.append(f"--trainer.curve_seeds={self.curve_seeds}")
         return ["fit", *itertools.chain.from_iterable(("--config", c) for c in self.all_configs()), *self.overrides,

@@ -196,6 +196,12 @@ class UnlearningData(L.LightningDataModule):
         self.tensors = StageTensors(latents, index, anchor, target)
         self._num_train_timesteps = model.scheduler.config.num_train_timesteps
 
+    def anchor_prompts(self, stage: Stage) -> list[str]:
+        """The anchor prompts of a stage's requests, each once, in order (what the anchor images show)."""
+        prompts = [p for request in stage.requests
+                   for p in PairedPrompts(request, self.prompts, self.object_templates, self.style_templates).anchor]
+        return list(dict.fromkeys(prompts))
+
     def train_dataloader(self) -> DataLoader:
         if self.tensors is None:
             raise RuntimeError("prepare_stage() must run before training")

@@ -52,6 +52,52 @@ def trainable_names(unet: nn.Module, group: TrainableGroup) -> list[str]:
     return sorted(picked)
 
 
+#: GradProj's caption column: the last content token (trailing punctuation skipped) or the token before EOS.
+ColumnToken = Literal["content", "last"]
+
+
+def _after_prefix(tokens: list[str], prefixes: list[list[str]]) -> list[int] | None:
+    """Indices of the tokens after the first of ``prefixes`` found in ``tokens`` (None: no prefix, or nothing
+    after it)."""
+    for prefix in prefixes:
+        for start in range(len(tokens) - len(prefix) + 1):
+            if tokens[start : start + len(prefix)] == prefix:
+                after = list(range(start + len(prefix), len(tokens)))
+                return after or None
+    return None
+
+
+def _is_punctuation(token: str) -> bool:
+    text = token.removesuffix("</w>").removeprefix("##").removeprefix("\u0120")
+    return bool(text) and all(not c.isalnum() for c in text)
+
+
+def _no_gradient_at_first_position(grad: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.zeros_like(grad[:, :1]), grad[:, 1:]], dim=1)
+
+
+def _first_position_without_gradient(module: nn.Module, inputs, output: torch.Tensor) -> None:
+    if output.requires_grad:
+        output.register_hook(_no_gradient_at_first_position)
+
+
+def detach_first_text_position(unet: nn.Module) -> list:
+    """Train no cross-attention key / value of the first text position (BOS / CLS), as Concept Ablation and
+    the paper's ConAbl / SculpMem code do (CUIG ``UnlearningMethods/ConAbl/src/model.py``: the key and value
+    of position 0 are detached before attention). With a causal text encoder that position's state is the
+    same for every prompt, so moving its key / value would move every prompt's output.
+
+    A forward hook on each ``attn2.to_k`` / ``to_v`` hooks its output's gradient to zero position 0: the
+    detach's gradients, the forward pass untouched (bitwise). Returns the handles (``remove()`` undoes it)."""
+    handles = []
+    for name, module in unet.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")):
+            handles.append(module.register_forward_hook(_first_position_without_gradient))
+    if not handles:
+        raise ValueError("the UNet has no cross-attention (attn2.to_k / to_v) whose first position could be detached")
+    return handles
+
+
 class DiffusionModel(nn.Module):
     """UNet + text encoder + tokenizer + noise scheduler (+ VAE), with the few operations cuig needs."""
 
@@ -138,6 +184,42 @@ class DiffusionModel(nn.Module):
         for i, name in enumerate(names):
             width = len(self.tokenizer(concept_text(name), add_special_tokens=False).input_ids)
             out.append(states[i, start : start + width].mean(0))
+        return torch.stack(out)
+
+    #: Prompt prefixes after which GradProj's column is the mean of the following tokens (the paper's code).
+    COLUMN_PREFIXES = ("an image in the style of", "an image of a", "an image of")
+
+    @torch.no_grad()
+    def prompt_columns(self, prompts: list[str], token: ColumnToken = "content", batch_size: int = 64) -> torch.Tensor:
+        """GradProj's column per prompt, ``(len(prompts), d)``, from the states the UNet sees
+        (:meth:`encode_text`), by the paper's rule (CUIG ``Regularizers/Projection/src/auxiliary_embeddings.py``):
+
+        * a prompt with a prefix of :attr:`COLUMN_PREFIXES` ("An image of a Cat"): the mean of the states of
+          the tokens after the prefix (special tokens excluded);
+        * any other prompt (a caption): the state of its last content token: the last token before EOS /
+          [SEP], trailing punctuation skipped (``token: content``; for the paper's LAION captions the token
+          before EOS is nearly always a content word), or the token before EOS whatever it is (``token: last``,
+          cuig before issue 33: a period for captions ending in ".").
+        """
+        if token not in ("content", "last"):
+            raise ValueError(f"unknown column token {token!r}; use content or last")
+        prefixes = [self.tokenizer.tokenize(p) for p in self.COLUMN_PREFIXES]
+        special = set(self.tokenizer.all_special_ids)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            states = self.encode_text(chunk)
+            ids = self.tokenizer(chunk, truncation=True, max_length=self.max_length).input_ids
+            for row, prompt_ids in enumerate(ids):
+                positions = [j for j, t in enumerate(prompt_ids) if t not in special]
+                tokens = self.tokenizer.convert_ids_to_tokens([prompt_ids[j] for j in positions])
+                picked = _after_prefix(tokens, prefixes)
+                if picked is None:
+                    last = len(positions) - 1
+                    while token == "content" and last > 0 and _is_punctuation(tokens[last]):
+                        last -= 1
+                    picked = [last]
+                out.append(states[row, [positions[j] for j in picked]].mean(0))
         return torch.stack(out)
 
     # ----------------------------------------------------------------- latents
@@ -265,66 +347,3 @@ def fingerprint(path: Path) -> str:
                     f.seek(-(16 << 20), 2)
                     digest.update(f.read())
     return digest.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------- tiny SD-shaped model
-def _byte_vocab() -> list[str]:
-    """The 256 byte-level symbols of CLIP's BPE, so a char-level CLIP tokenizer needs no downloaded vocab."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8, dim: int = 32) -> Path:
-    """Write a random-init, SD-shaped diffusers pipeline folder (for tests and smoke runs).
-
-    UNet2DConditionModel with cross-attention, a CLIP text encoder and a character-level CLIP tokenizer
-    built offline, a tiny AutoencoderKL and a DDPM scheduler; ``StableDiffusionPipeline.from_pretrained``
-    loads the result.
-    """
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTokenizer
-
-    out = Path(out_dir)
-    torch.manual_seed(seed)
-    chars = _byte_vocab()
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    tok_dir = out / "_tok_src"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"), model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=77,
-            bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=dim,
-        attention_head_dim=4, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=sample_size * 2,
-    )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False)
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out)
-    for f in tok_dir.iterdir():
-        f.unlink()
-    tok_dir.rmdir()
-    return out

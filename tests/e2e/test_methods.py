@@ -19,13 +19,19 @@ pytestmark = [
 
 
 # ------------------------------------------------------------------------------ whole jobs through the CLI
+# SculpMem with its mask held (masking held, frozen warm-up) so that the bound below is exact; "sculpmem_paper" is
+# the paper's code (the defaults: dense warm-up, masked entries moved by AdamW)
 METHODS = {
     "sculpmem": {"class_path": "cuig_lightning.methods.SculpMem",
-                 "init_args": {"trainable": "xattn", "density": 0.5, "warmup_steps": 2, "swap_every": 2, "turnover": 0.5}},
+                 "init_args": {"trainable": "xattn", "density": 0.5, "warmup_steps": 2, "swap_every": 2, "turnover": 0.5,
+                               "masking": "held", "warmup": "frozen"}},
+    "sculpmem_paper": {"class_path": "cuig_lightning.methods.SculpMem",
+                       "init_args": {"trainable": "xattn", "density": 0.5, "warmup_steps": 2, "swap_every": 2,
+                                     "turnover": 0.5}},
     "esd": {"class_path": "cuig_lightning.methods.ESD", "init_args": {"trainable": "xattn", "trajectory_steps": 4}},
 }
 L2 = {"class_path": "callbacks.NormRegularizer", "init_args": {"p": 2, "weight": 10.0}}
-SELFT = {"class_path": "callbacks.SelectiveFineTuning", "init_args": {"topk": 0.1, "num_timesteps": 2}}
+SELFT = {"class_path": "callbacks.SelectiveFineTuning", "init_args": {"topk": 0.1, "num_timesteps": 2, "masking": "held"}}
 MERGE = {"class_path": "callbacks.ModelMerge", "init_args": {"method": "ties", "density": 0.5, "lam": 1.5}}
 GRADPROJ = {"class_path": "callbacks.GradientProjection", "init_args": {"k": 2}}
 
@@ -49,11 +55,13 @@ def test_three_sequential_requests(make_config, tmp_path, tiny_sd, method):
             history = json.loads((path.parent / "dynamic_mask.json").read_text())["history"]
             assert [(h["kind"], h["step"]) for h in history] == [("init", 2), ("swap", 4)]
             assert changed <= history[0]["active"] + history[1]["moved"] < total
+        if method == "sculpmem_paper":  # the dense warm-up step trains every element; AdamW keeps moving them
+            assert changed > 0.9 * total
         previous = delta
 
 
 @pytest.mark.parametrize("regularizer", ["l2", "selft", "merge", "gradproj"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", ["sculpmem", "esd"])
 def test_each_method_with_each_regularizer(make_config, tmp_path, tiny_sd, method, regularizer):
     reg = {"l2": L2, "selft": SELFT, "merge": MERGE, "gradproj": GRADPROJ}[regularizer]
     schedule = "independent" if regularizer == "merge" else "sequential"

@@ -10,15 +10,20 @@ from safetensors.torch import load_file
 from tests.helpers import cuig_process, deltas, run_cli
 
 GRADPROJ = {"class_path": "callbacks.GradientProjection", "init_args": {"k": 2}}
-SELFT = {"class_path": "callbacks.SelectiveFineTuning", "init_args": {"topk": 0.1, "num_timesteps": 3}}
+SELFT = {"class_path": "callbacks.SelectiveFineTuning", "init_args": {"topk": 0.1, "num_timesteps": 3, "masking": "held"}}
 MERGE = {"class_path": "callbacks.ModelMerge", "init_args": {"method": "ties", "density": 0.5, "lam": 1.5}}
 L2 = {"class_path": "callbacks.NormRegularizer", "init_args": {"p": 2, "weight": 10.0}}
 
 
 def test_ddp_with_gradproj_and_selft_ranks_bitwise_equal(make_config, tmp_path):
+    """The paper's order under DDP: SculpMem's dynamic mask and SelFT's mask in backward (each rank's own gradient),
+    GradProj after them; every rank must end with the same weights (SculpMem's importance summed over ranks)."""
     dump = {"class_path": "tests.helpers.DumpRankWeights", "init_args": {"folder": str(tmp_path / "ranks")}}
-    cfg = make_config(requests=[{"target": "Van_Gogh"}, {"target": "Picasso"}],
-                      trainer={"strategy": "ddp", "devices": 2, "max_steps": 3, "callbacks": [GRADPROJ, SELFT, dump]})
+    selft = {**SELFT, "init_args": {**SELFT["init_args"], "masking": "backward"}}
+    sculpmem = {"class_path": "cuig_lightning.methods.SculpMem",
+                "init_args": {"density": 0.5, "warmup_steps": 2, "swap_every": 2, "turnover": 0.5}}
+    cfg = make_config(requests=[{"target": "Van_Gogh"}, {"target": "Picasso"}], model={"method": sculpmem},
+                      trainer={"strategy": "ddp", "devices": 2, "max_steps": 5, "callbacks": [GRADPROJ, selft, dump]})
     proc = cuig_process("fit", "--config", str(cfg))
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out

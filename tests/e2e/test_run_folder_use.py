@@ -244,6 +244,15 @@ def test_retention_measured_after_the_last_request_only(tmp_path, tiny_sd, cache
     assert lean[-1] == full[-1]
     assert not (lean_dir / "requests" / "01-Abstractionism" / "samples.png").exists()
 
+    chosen_dir = tmp_path / "chosen"  # a list: after those requests (and the last)
+    assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={chosen_dir}",
+                   "--trainer.measure_retention", "[1]") == 0
+    chosen = json.loads((chosen_dir / "metrics.json").read_text())
+    assert [sorted(k for k in ("RA_I", "RA_C") if k in r) for r in chosen] == [["RA_C", "RA_I"], [], ["RA_C", "RA_I"]]
+    assert (chosen[0], chosen[2]) == (full[0], full[2])
+    assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={tmp_path / 'bad'}",
+                   "--trainer.measure_retention", "[0]") == 2
+
     stopped_dir = tmp_path / "stopped"
     assert run_cli("fit", "--config", str(cfg), f"--trainer.run_dir={stopped_dir}", *option,
                    "--trainer.stop_below_ua", "100.1") == 0  # stops after request 1: retention measured there

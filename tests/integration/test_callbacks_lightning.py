@@ -13,6 +13,7 @@ from torch import nn
 from callbacks import GradientProjection, ModelMerge, NormRegularizer, SelectiveFineTuning
 from callbacks.gradient_projection import is_projected
 from callbacks.merge import merge_task_vectors
+from callbacks.projection import projector
 from callbacks.norm import norm_penalty
 from callbacks.selective_finetuning import topk_mask
 from cuig_lightning.checkpoints import load_tensors
@@ -70,10 +71,10 @@ class _GradProbe(pl.Callback):
         self.grads = [p.grad for p in pl_module.trainable.values()]
 
 
-def test_selft_keeps_all_but_topk_elements_bitwise_under_adamw_weight_decay(tmp_path):
+def test_selft_held_keeps_all_but_topk_elements_bitwise_under_adamw_weight_decay(tmp_path):
     topk, steps = 0.1, 6
     module = FakeUnlearning(make_stage(tmp_path), optimizer="adamw", lr=1e-2, weight_decay=0.1)
-    selft, probe = SelectiveFineTuning(topk=topk, num_timesteps=5), _GradProbe()
+    selft, probe = SelectiveFineTuning(topk=topk, num_timesteps=5, masking="held"), _GradProbe()
     fit(module, [selft, probe], max_steps=steps)
 
     k = round(topk * total_elements(module))
@@ -90,6 +91,25 @@ def test_selft_keeps_all_but_topk_elements_bitwise_under_adamw_weight_decay(tmp_
     assert 0.9 * k <= changed <= k
 
 
+def test_selft_backward_masking_moves_unselected_elements_by_adamw_weight_decay_only(tmp_path):
+    """The paper's code: the mask zeroes the gradient in backward; AdamW's decoupled weight decay still shrinks
+    the unselected elements, p <- p (1 - lr wd) per step, and nothing else moves them (their moments stay 0)."""
+    lr, wd, steps = 1e-2, 0.1, 4
+    module = FakeUnlearning(make_stage(tmp_path), optimizer="adamw", lr=lr, weight_decay=wd)
+    selft = SelectiveFineTuning(topk=0.1, num_timesteps=5)
+    assert selft.masking == "backward"
+    fit(module, [selft], max_steps=steps)
+    trained = 0
+    for n, p in module.trainable.items():
+        frozen = ~selft.mask[n]
+        expected = module.start_weights[n][frozen].clone()
+        for _ in range(steps):
+            expected.mul_(1 - lr * wd)
+        assert torch.equal(p[frozen], expected)
+        trained += int((p[~frozen] != module.start_weights[n][~frozen]).sum())
+    assert trained > 0.9 * sum(int(m.sum()) for m in selft.mask.values())
+
+
 def test_selft_zeroing_gradients_alone_would_not_freeze_under_weight_decay(tmp_path):
     class GradOnly(SelectiveFineTuning):
         def on_train_batch_end(self, *args):  # no restore after the step
@@ -104,7 +124,7 @@ def test_selft_zeroing_gradients_alone_would_not_freeze_under_weight_decay(tmp_p
 
 def test_selft_state_dict_round_trip_and_resume_reuses_the_mask(tmp_path, monkeypatch):
     module = FakeUnlearning(make_stage(tmp_path), optimizer="adamw", lr=1e-2, weight_decay=0.1)
-    first = SelectiveFineTuning(topk=0.2, num_timesteps=3)
+    first = SelectiveFineTuning(topk=0.2, num_timesteps=3, masking="held")
     trainer = fit(module, [first], max_steps=2)
     state = first.state_dict()
     assert state["stage_index"] == 0 and all(m.dtype == torch.bool for m in state["mask"].values())
@@ -115,7 +135,7 @@ def test_selft_state_dict_round_trip_and_resume_reuses_the_mask(tmp_path, monkey
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
     resumed_module = FakeUnlearning(make_stage(tmp_path), optimizer="adamw", lr=1e-2, weight_decay=0.1)
-    resumed = SelectiveFineTuning(topk=0.2, num_timesteps=3)
+    resumed = SelectiveFineTuning(topk=0.2, num_timesteps=3, masking="held")
     monkeypatch.setattr(resumed, "_compute_mask", lambda *_: pytest.fail("the mask must come from the checkpoint"))
     fit(resumed_module, [resumed], max_steps=5, ckpt_path=ckpt)
     assert all(torch.equal(resumed.mask[n], m) for n, m in first.mask.items())
@@ -270,7 +290,7 @@ def test_gradproj_resume_reuses_the_neighbours(tmp_path, monkeypatch):
 
 def test_gradproj_selft_and_l2_compose(tmp_path):
     module = FakeUnlearning(make_stage(tmp_path, 1, erased=["Erased"]), optimizer="adamw", lr=1e-2, weight_decay=0.1)
-    gp, selft = GradientProjection(k=3), SelectiveFineTuning(topk=0.2, num_timesteps=4)
+    gp, selft = GradientProjection(k=3), SelectiveFineTuning(topk=0.2, num_timesteps=4, masking="held")
     fit(module, [gp, selft, NormRegularizer(p=2, weight=100.0)], max_steps=4)
     assert list(module.loss_terms) == ["l2"] and gp.neighbours == ["Near", "Erased", "Mid"]
     k, changed = round(0.2 * total_elements(module)), 0
@@ -285,7 +305,7 @@ def test_gradproj_selft_and_l2_compose(tmp_path):
 def test_all_four_compose_on_an_independent_stage(tmp_path):
     stage = make_stage(tmp_path, 0, "independent")
     module = FakeUnlearning(stage, optimizer="adamw", lr=1e-2, weight_decay=0.1)
-    selft, cap = SelectiveFineTuning(topk=0.2, num_timesteps=4), Capture()
+    selft, cap = SelectiveFineTuning(topk=0.2, num_timesteps=4, masking="held"), Capture()
     merge = ModelMerge("ties", 0.5, 2.0, merge_single=True)  # merged at once: one stage shows all four
     callbacks = [GradientProjection(k=3), selft, NormRegularizer(p=1, weight=50.0), cap, merge]
     fit(module, callbacks, max_steps=3)
@@ -295,6 +315,36 @@ def test_all_four_compose_on_an_independent_stage(tmp_path):
     merged = merge_task_vectors([tau], "ties", 0.5, 2.0)
     assert all(torch.equal(p, theta0[n] + merged[n]) for n, p in module.trainable.items())
     assert {f.name for f in stage.request_dir.iterdir()} == {"task_vector.safetensors", "merge.json", "gradient_projection.json"}
+
+
+class _StepGradients(pl.Callback):
+    """Listed last: the gradients the optimizer receives at the first step."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.trainable.items()}
+
+
+@pytest.mark.parametrize("masking", ["backward", "held"])
+def test_selft_with_gradproj_orders_mask_and_projection_as_configured(tmp_path, masking):
+    """backward (the paper's code): the gradient the optimizer gets is (g ⊙ m) P, the projection re-densifying
+    the masked gradient; held (GradProj listed first): (g P) ⊙ m. g, m and P recomputed independently."""
+    stage = make_stage(tmp_path, 1, erased=["Erased"])
+    module = FakeUnlearning(stage, optimizer="adamw", lr=1e-2)
+    gp, selft, probe = GradientProjection(k=3), SelectiveFineTuning(topk=0.2, num_timesteps=4, masking=masking), _StepGradients()
+    fit(module, [gp, selft, probe], max_steps=1)
+
+    reference = FakeUnlearning(stage)
+    reference.unlearning_loss(next(iter(reference.train_dataloader()))).backward()
+    P = projector(reference.concept_embeddings(gp.neighbours).T.double())
+    mask = _expected_selft_mask(tmp_path, 0.2, 4)
+    for n, p in reference.trainable.items():
+        g, m = p.grad.double(), mask[n].double()
+        project = (lambda x: x @ P) if is_projected(n) else (lambda x: x)
+        expected = project(g * m) if masking == "backward" else project(g) * m
+        torch.testing.assert_close(probe.grads[n].double(), expected, rtol=1e-5, atol=1e-7)
+        if masking == "backward" and is_projected(n):
+            assert (probe.grads[n][~mask[n]] != 0).any()  # re-densified: unselected elements move
 
 
 # ---------------------------------------------------------------------------------------- the contract

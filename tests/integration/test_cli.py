@@ -30,7 +30,7 @@ def test_print_config_round_trips(make_config, tmp_path, capsys):
     assert parsed["trainer"]["requests"][0]["target"] == "Van_Gogh"
     assert parsed["model"]["method"] == {"class_path": "cuig_lightning.methods.ConAbl",
                                          "init_args": {"trainable": "xattn_kv", "variant": "model",
-                                                       "anchor_preservation": 0.0}}
+                                                       "anchor_preservation": 0.0, "detach_first_token": True}}
     again = tmp_path / "printed.yaml"
     again.write_text(printed)
     assert run_cli("fit", "--config", str(again)) == 0

@@ -61,15 +61,17 @@ def test_unlearncanvas_configs_name_the_paper_sequences(capsys, domain, targets)
 def test_main_table_row_smoke(row, tmp_path, tiny_sd, cache_dir):
     smoke = write_smoke_overlay(tmp_path, tiny_sd, cache_dir, max_steps=2)
     assert run_cli("fit", "--config", str(CONFIGS / "seq12.yaml"), "--config", str(row), "--config", str(smoke)) == 0
-    assert len(list((tmp_path / "run" / "requests").glob("*/manifest.json"))) == (1 if row.stem == "simultaneous" else 2)
+    simultaneous = row.stem.startswith("simultaneous")
+    assert len(list((tmp_path / "run" / "requests").glob("*/manifest.json"))) == (1 if simultaneous else 2)
 
 
 # ------------------------------------------------------------------------------ SculpMem and ESD configs
-SCULPMEM_ROWS = ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "merge_gradproj"]
+SCULPMEM_ROWS = ["sequential", "simultaneous", "simultaneous_paper", "l1", "l2", "selft", "merge", "gradproj",
+                 "gradproj_names", "merge_gradproj"]
 ROW_CALLBACKS = {
-    "sequential": [], "simultaneous": [], "l1": ["callbacks.NormRegularizer"], "l2": ["callbacks.NormRegularizer"],
-    "selft": ["callbacks.SelectiveFineTuning"], "merge": ["callbacks.ModelMerge"],
-    "gradproj": ["callbacks.GradientProjection"],
+    "sequential": [], "simultaneous": [], "simultaneous_paper": [], "l1": ["callbacks.NormRegularizer"],
+    "l2": ["callbacks.NormRegularizer"], "selft": ["callbacks.SelectiveFineTuning"], "merge": ["callbacks.ModelMerge"],
+    "gradproj": ["callbacks.GradientProjection"], "gradproj_names": ["callbacks.GradientProjection"],
     "merge_gradproj": ["callbacks.GradientProjection", "callbacks.ModelMerge"],
 }
 
@@ -82,12 +84,31 @@ def test_sculpmem_rows_parse(capsys, row):
     assert method["init_args"]["trainable"] == "xattn_kv"  # the paper's runs (method.md)
     classes = [c["class_path"] for c in cfg["trainer"]["callbacks"] or []]
     assert classes == ROW_CALLBACKS[row]  # the dynamic mask comes with the method, never listed
-    expected_schedule = {"simultaneous": "simultaneous", "merge": "independent", "merge_gradproj": "independent"}
+    expected_schedule = {"simultaneous": "simultaneous", "simultaneous_paper": "simultaneous", "merge": "independent",
+                         "merge_gradproj": "independent"}
     assert cfg["trainer"]["schedule"] == expected_schedule.get(row, "sequential")
     assert cfg["trainer"]["run_dir"] == f"runs/canvas_mini/sculpmem-{row.replace('_', '-')}"
     conabl = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / "canvas_mini" / f"{row}.yaml")
     conabl_classes = [c["class_path"] for c in conabl["trainer"]["callbacks"] or []]
     assert classes == conabl_classes  # the same rows as ConAbl's
+
+
+def test_the_paper_simultaneous_row_trains_until_ua_99_beside_the_matched_forgetting_one(capsys):
+    for method in ("canvas_mini", "canvas_mini_sculpmem"):
+        ours = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / method / "simultaneous.yaml")["trainer"]
+        paper = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / method / "simultaneous_paper.yaml")["trainer"]
+        assert (ours["until_ua"], paper["until_ua"]) == (95, 99)  # the paper: UA >= 99; cuig's reference: 95
+        assert paper["schedule"] == ours["schedule"] == "simultaneous" and paper["max_steps"] == ours["max_steps"]
+
+
+def test_the_gradproj_rows_build_c_as_the_paper_code_and_names_is_its_own_row(capsys):
+    for method in ("canvas_mini", "canvas_mini_sculpmem"):
+        for row, expected in (("gradproj", {"source": "captions", "caption_set": "anchors", "caption_token": "content",
+                                            "dedup": 0.95}),
+                              ("gradproj_names", {"source": "names", "mode": "all"})):
+            cfg = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / method / f"{row}.yaml")
+            [gp] = cfg["trainer"]["callbacks"]
+            assert gp["init_args"].items() >= expected.items(), (method, row)
 
 
 def test_esd_config_parses(capsys):

@@ -9,8 +9,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks import DynamicMask
+from callbacks import DynamicMask, GradientProjection
 from callbacks.dynamic_mask import turnover_at
+from callbacks.gradient_projection import is_projected
+from callbacks.projection import projector
 from callbacks.selective_finetuning import topk_mask
 from tests.helpers import StreamUnlearning, make_stage
 
@@ -52,11 +54,15 @@ def _fit(module, callbacks, max_steps, ckpt_path=None, root=None):
     return trainer
 
 
+#: cuig's dynamic mask before issue 33: a warm-up that updates nothing, masked entries held bitwise.
+HELD = {"masking": "held", "warmup": "frozen"}
+
+
 @pytest.mark.parametrize("accumulate", ["abs", "signed"])
-def test_warmup_updates_nothing_and_picks_the_top_density_per_tensor(tmp_path, accumulate):
+def test_frozen_warmup_updates_nothing_and_picks_the_top_density_per_tensor(tmp_path, accumulate):
     warmup, density = 3, 0.4
     module = _adamw_module(tmp_path)
-    dm = DynamicMask(density=density, warmup_steps=warmup, swap_every=100, accumulate=accumulate)
+    dm = DynamicMask(density=density, warmup_steps=warmup, swap_every=100, accumulate=accumulate, **HELD)
     trainer = _fit(module, [dm], max_steps=warmup)
     # warm-up: no weight moved, and the optimizer never stepped a tensor (no AdamW state either)
     assert all(torch.equal(p, module.start_weights[n]) for n, p in module.trainable.items())
@@ -81,7 +87,7 @@ def swap_run(tmp_path_factory):
     """AdamW with weight decay; warm-up 2, swap every 2, 12 steps: swaps after steps 4, 6, 8 (< 0.8 * 12)."""
     tmp_path = tmp_path_factory.mktemp("swap")
     module = _adamw_module(tmp_path)
-    dm = DynamicMask(density=0.5, warmup_steps=2, swap_every=2, turnover=0.6, stop_fraction=0.8)
+    dm = DynamicMask(density=0.5, warmup_steps=2, swap_every=2, turnover=0.6, stop_fraction=0.8, **HELD)
     probe = Probe(dm)
     _fit(module, [dm, probe], max_steps=12)
     return module, dm, probe
@@ -114,7 +120,7 @@ def test_swaps_move_round_turnover_weakest_active_for_strongest_inactive(swap_ru
     assert turnover_at(12, 12, 0.6) == pytest.approx(0.0) and turnover_at(0, 12, 0.6) == 0.6
 
 
-def test_inactive_elements_stay_bitwise_under_adamw_weight_decay(swap_run):
+def test_held_inactive_elements_stay_bitwise_under_adamw_weight_decay(swap_run):
     module, dm, probe = swap_run
     start = probe.weights[0]
     for s in (1, 2):  # warm-up
@@ -133,7 +139,7 @@ def test_zeroing_gradients_alone_would_let_adamw_move_inactive_elements(tmp_path
             pass
 
     module = _adamw_module(tmp_path)
-    dm = GradOnly(density=0.5, warmup_steps=1, swap_every=100)
+    dm = GradOnly(density=0.5, warmup_steps=1, swap_every=100, **HELD)
     _fit(module, [dm], max_steps=3)
     frozen = {n: ~m for n, m in dm.mask.items()}
     moved = sum(int((p[frozen[n]] != module.start_weights[n][frozen[n]]).sum()) for n, p in module.trainable.items())
@@ -159,8 +165,53 @@ def test_resume_mid_stage_is_bitwise(tmp_path):
     assert dm_resumed.history == dm_straight.history
 
 
+# ------------------------------------------------------------------------------ the paper's code (the defaults)
+@pytest.mark.parametrize("with_projection", [False, True])
+def test_dense_warmup_then_mask_from_the_raw_gradient_sum(tmp_path, with_projection):
+    """The reference: warm-up steps 1..W-1 update every weight (with GradProj: the projected gradient), step W's
+    gradient is dropped when the mask is made, and the mask is each tensor's top density by |Σ g| of the raw
+    gradient g (before projection). Replayed by hand with torch.optim.AdamW."""
+    warmup, density, lr, wd = 3, 0.4, 1e-2, 0.1
+    module = _adamw_module(tmp_path)
+    dm = DynamicMask(density=density, warmup_steps=warmup, swap_every=100)
+    assert (dm.masking, dm.warmup, dm.accumulate) == ("backward", "dense", "signed")
+    gp = GradientProjection(k=3) if with_projection else None
+    _fit(module, [gp, dm] if gp else [dm], max_steps=warmup)
+
+    by_hand = _adamw_module(tmp_path)
+    P = projector(by_hand.concept_embeddings(gp.neighbours).T.double()) if gp else None
+    optimizer = torch.optim.AdamW(by_hand.trainable.values(), lr=lr, weight_decay=wd)
+    total = {n: torch.zeros_like(p) for n, p in by_hand.trainable.items()}
+    for i in range(warmup - 1):  # the last warm-up step's gradient is dropped
+        optimizer.zero_grad()
+        by_hand.unlearning_loss(by_hand.batch(i)).backward()
+        for n, p in by_hand.trainable.items():
+            total[n] += p.grad
+            if P is not None and is_projected(n):
+                p.grad.copy_((p.grad.double() @ P).to(p.dtype))
+        optimizer.step()
+    optimizer.zero_grad()
+    by_hand.unlearning_loss(by_hand.batch(warmup - 1)).backward()
+    for n, p in by_hand.trainable.items():
+        total[n] += p.grad
+        torch.testing.assert_close(module.trainable[n], p.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(module.trainable[n], module.start_weights[n])  # the warm-up trained densely
+    for n, mask in dm.mask.items():
+        assert torch.equal(mask, topk_mask({n: total[n].abs()}, density)[n]), n
+
+
+def test_backward_masking_lets_adamw_momentum_and_decay_move_inactive_entries(tmp_path):
+    module = _adamw_module(tmp_path)
+    dm = DynamicMask(density=0.5, warmup_steps=2, swap_every=100)
+    probe = Probe(dm)
+    _fit(module, [dm, probe], max_steps=5)
+    mask, before, after = probe.masks[3], probe.weights[3], probe.weights[5]
+    moved = sum(int((after[n][~mask[n]] != before[n][~mask[n]]).sum()) for n in mask)
+    assert moved > 0.9 * sum(int((~m).sum()) for m in mask.values())  # as in the reference: not held
+
+
 def test_dynamic_mask_validates_arguments():
     for kwargs in ({"density": 0.0}, {"warmup_steps": 0}, {"swap_every": 0}, {"turnover": 1.5},
-                   {"stop_fraction": -0.1}, {"accumulate": "max"}):
+                   {"stop_fraction": -0.1}, {"accumulate": "max"}, {"masking": "hook"}, {"warmup": "none"}):
         with pytest.raises(ValueError):
             DynamicMask(**kwargs)

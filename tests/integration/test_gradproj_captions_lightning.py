@@ -91,7 +91,7 @@ def test_the_rank_guard_stops_a_stage_whose_captions_span_the_text_width(tiny_sd
     module.begin_stage(stage, module.base_weights)
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                         callbacks=[GradientProjection(source="captions")])
+                         callbacks=[GradientProjection(source="captions", caption_set="generic")])
     with pytest.raises(ValueError, match="rank 32, the whole text width 32"):
         trainer.fit(module)
     assert all(torch.equal(p, module.base_weights[n]) for n, p in module.trainable.items())  # no step taken
@@ -103,7 +103,7 @@ def test_the_rank_guard_stops_a_stage_whose_captions_span_the_text_width(tiny_sd
 class CaptionFake(FakeUnlearning):
     """The fake module plus per-caption vectors (a fixed pseudo-random vector per caption text)."""
 
-    def caption_embeddings(self, captions: list[str]) -> torch.Tensor:
+    def caption_embeddings(self, captions: list[str], token: str = "content") -> torch.Tensor:
         return torch.stack([torch.randn(D, generator=torch.Generator().manual_seed(zlib.crc32(c.encode())))
                             for c in captions])
 

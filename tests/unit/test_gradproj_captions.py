@@ -56,10 +56,10 @@ def test_default_captions_share_no_wordpiece_with_a_style():
 
 
 def test_caption_set_drops_targets_and_adds_erased_objects(tmp_path):
-    gp = GradientProjection(source="captions")
-    style = gp.caption_set(_stage(tmp_path))
+    gp = GradientProjection(source="captions", caption_set="generic")
+    style = gp.prompts_for(_stage(tmp_path))
     assert style == generic_captions(VOCABULARY["object"])  # nothing names a style
-    objects = gp.caption_set(_stage(tmp_path, ["Ring"], "object", erased=["Star", "Winter"]))
+    objects = gp.prompts_for(_stage(tmp_path, ["Ring"], "object", erased=["Star", "Winter"]))
     assert not any("Ring" in c for c in objects) and len(objects) == len(style) - len(style) // 12
     assert "A Star image." in objects  # the erased object stays protected ("Winter" is a style)
     assert names_concept("A Van Gogh sketch.", "Van_Gogh") and not names_concept("A string.", "Ring")
@@ -68,8 +68,21 @@ def test_caption_set_drops_targets_and_adds_erased_objects(tmp_path):
     path.write_text("# generic captions\nA dog on a sofa.\n\nA Ring of keys.\nA dog on a sofa.\n")
     assert read_captions(path) == ["A dog on a sofa.", "A Ring of keys.", "A dog on a sofa."]
     given = GradientProjection(source="captions", captions=str(path))
-    assert given.caption_set(_stage(tmp_path, ["Ring"], "object", erased=["Star"])) == ["A dog on a sofa.",
+    assert given.prompts_for(_stage(tmp_path, ["Ring"], "object", erased=["Star"])) == ["A dog on a sofa.",
                                                                                         "A Star image."]
+
+
+def test_the_paper_caption_set_is_the_request_anchor_prompts_or_the_generated_object_prompts(tmp_path):
+    gp = GradientProjection(source="captions")  # caption_set: anchors, the paper's code
+    anchors = ["A Circle image.", "A Square image.", "An Abstractionism Circle.", "A Circle image."]
+    assert gp.prompts_for(_stage(tmp_path), anchors) == ["A Circle image.", "A Square image."]
+    with pytest.raises(ValueError, match="no anchor prompt left"):
+        gp.prompts_for(_stage(tmp_path), ["An Abstractionism Circle."])
+    # objects: every style "in the style of", every object but the current target "of a"; the erased kept
+    objects = gp.prompts_for(_stage(tmp_path, ["Ring"], "object", erased=["Star"]))
+    styles = [f"An image in the style of {s.replace('_', ' ')}" for s in VOCABULARY["style"]]
+    assert objects == styles + [f"An image of a {o}" for o in VOCABULARY["object"] if o != "Ring"]
+    assert "An image of a Star" in objects
 
 
 def test_bad_arguments_are_refused_at_construction(tmp_path):
@@ -118,17 +131,34 @@ def _caption_matrix(module, captions: list[str]) -> torch.Tensor:
     return vectors[dedup_indices(vectors)].T
 
 
-def test_caption_embeddings_are_the_last_content_states_the_unet_sees(tiny_module):
-    captions = ["A Dogs image.", "Two Cats shapes near the top."]
+def test_a_caption_column_is_the_last_content_token_state_the_unet_sees(tiny_module):
+    captions = ["A Dogs image.", "Two Cats shapes near the top!", "No period"]
     states = tiny_module.diffusion.encode_text(captions)
     ids = tiny_module.diffusion.tokenizer(captions).input_ids
-    expected = torch.stack([states[i, len(ids[i]) - 2] for i in range(2)])  # the "." before EOS
-    assert tiny_module.diffusion.tokenizer.convert_ids_to_tokens(ids[0])[-2:] == [".</w>", "<|endoftext|>"]
-    torch.testing.assert_close(tiny_module.caption_embeddings(captions, batch_size=1), expected)
+    tokens = tiny_module.diffusion.tokenizer.convert_ids_to_tokens(ids[0])
+    assert tokens[-3:] == ["e</w>", ".</w>", "<|endoftext|>"]  # tiny SD's tokenizer is character-level
+    # the paper's rule: the last content token ("e" of "image", "p" of "top", "d" of "period"), not the period
+    content = torch.stack([states[0, len(ids[0]) - 3], states[1, len(ids[1]) - 3], states[2, len(ids[2]) - 2]])
+    torch.testing.assert_close(tiny_module.caption_embeddings(captions), content)
+    # cuig before issue 33 (caption_token: last): the token before EOS, the period
+    last = torch.stack([states[i, len(ids[i]) - 2] for i in range(3)])
+    torch.testing.assert_close(tiny_module.caption_embeddings(captions, "last"), last)
+    assert not torch.allclose(content[0], last[0])
+
+
+def test_a_prefixed_prompt_column_is_the_mean_of_the_tokens_after_the_prefix(tiny_module):
+    prompts = ["An image of a Cats", "An image in the style of Van Gogh", "an image of Sea"]
+    states = tiny_module.diffusion.encode_text(prompts)
+    expected = []
+    for i, (prompt, prefix) in enumerate(zip(prompts, ["An image of a", "An image in the style of", "an image of"])):
+        start = len(tiny_module.diffusion.tokenizer(prefix).input_ids) - 1  # BOS + the prefix's tokens
+        end = len(tiny_module.diffusion.tokenizer(prompt).input_ids) - 1  # up to EOS
+        expected.append(states[i, start:end].mean(0))
+    torch.testing.assert_close(tiny_module.caption_embeddings(prompts), torch.stack(expected))
 
 
 def test_projector_annihilates_the_caption_states_and_sgd_keeps_W_c(tiny_module, tmp_path):
-    captions = GradientProjection(source="captions").caption_set(_stage(tmp_path))  # 204 captions
+    captions = GradientProjection(source="captions", caption_set="generic").prompts_for(_stage(tmp_path))  # 204 captions
     C = _caption_matrix(tiny_module, captions)
     assert C.shape[1] > 100
     P = projector(C)
@@ -144,7 +174,7 @@ def test_projector_annihilates_the_caption_states_and_sgd_keeps_W_c(tiny_module,
 
 
 def test_rank_guard_raises_when_the_captions_span_the_text_width(tiny_module, tmp_path):
-    captions = GradientProjection(source="captions").caption_set(_stage(tmp_path))
+    captions = GradientProjection(source="captions", caption_set="generic").prompts_for(_stage(tmp_path))
     C = _caption_matrix(tiny_module, captions)
     # tiny SD's random-init CLIP ends in a LayerNorm with zero bias: its states lie in the 31-dim hyperplane
     # orthogonal to (1, ..., 1), so 200 captions reach rank 31 < 32 (and P already removes all of that plane).
@@ -171,3 +201,35 @@ def test_new_options_at_their_defaults_keep_old_run_identities(class_path):
     assert identity_hash(defaults) == identity_hash(config())  # a run folder made before the options existed
     assert identity_hash(config(source="captions", captions=None, dedup=0.95)) != identity_hash(config())
     assert identity_hash(config(source="names", captions=None, dedup=0.9)) != identity_hash(config())
+
+
+def test_issue_33_options_at_the_earlier_behaviour_keep_old_run_identities():
+    """A run folder made before issue 33 resolved no such options; the same config with them spelled at cuig's
+    earlier behaviour owns it, and the new defaults (the paper's code) are another run."""
+    def config(method_args: dict, gradproj: dict, selft: dict, method: str = "cuig_lightning.methods.SculpMem"):
+        return {"model": {"method": {"class_path": method, "init_args": {"density": 0.5, **method_args}}},
+                "trainer": {"callbacks": [
+                    {"class_path": "callbacks.GradientProjection", "init_args": {"source": "captions", **gradproj}},
+                    {"class_path": "callbacks.SelectiveFineTuning", "init_args": {"topk": 0.1, **selft}}]}}
+
+    old = config({}, {}, {})
+    earlier = config({"detach_first_token": False, "masking": "held", "warmup": "frozen"},
+                     {"caption_set": "generic", "caption_token": "last"}, {"masking": "held"})
+    paper = config({"detach_first_token": True, "masking": "backward", "warmup": "dense"},
+                   {"caption_set": "anchors", "caption_token": "content"}, {"masking": "backward"})
+    assert identity_hash(earlier) == identity_hash(old)
+    assert identity_hash(paper) != identity_hash(old)
+    for one in ({"detach_first_token": True}, {"masking": "backward"}, {"warmup": "dense"}):
+        assert identity_hash(config({**earlier["model"]["method"]["init_args"], **one},
+                                    {"caption_set": "generic", "caption_token": "last"},
+                                    {"masking": "held"})) != identity_hash(old)
+    conabl = config({"detach_first_token": False}, {"caption_set": "generic", "caption_token": "last"}, {},
+                    method="cuig_lightning.methods.ConAbl")
+    assert identity_hash(conabl) != identity_hash(earlier)  # the method's class is still part of it
+    # caption options mean nothing for names: a names config keeps its identity whatever they say
+    names = {"trainer": {"callbacks": [{"class_path": "callbacks.GradientProjection",
+                                        "init_args": {"source": "names", "k": 5}}]}}
+    spelled = {"trainer": {"callbacks": [{"class_path": "callbacks.GradientProjection",
+                                          "init_args": {"source": "names", "k": 5, "caption_set": "anchors",
+                                                        "caption_token": "content"}}]}}
+    assert identity_hash(names) == identity_hash(spelled)
