@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from cuig_lightning.checkpoints import DELTA, load_tensors
 from cuig_lightning.evaluation.protocol import Evaluation, drift
 from cuig_lightning.evaluation.report import write_report
+from cuig_lightning.evaluation.robustness import measure_robustness
 from cuig_lightning.requests import Request, Schedule, Stage, erased_after, plan_stages, validate_requests
 from cuig_lightning.run_folder import SAMPLES, RunFolder, weights_digest
 from cuig_lightning.stage import (StageCheckpoint, StopWhenForgotten, silence_lightning_noise, stage_callbacks,
@@ -96,6 +97,7 @@ class ContinualTrainer(L.Trainer):
         self.run_dir = Path(run_dir)
         self.checkpoint_every = checkpoint_every
         self.evaluation = evaluation
+        self._base_latents: dict = {}  # θ0's images the robustness probes reuse at every request
         # The resolved config (sections seed_everything, trainer, model, data), set by the CLI: stored in
         # job.json; its run identity (run_folder.run_identity) owns run_dir.
         self.job_config: dict | None = None
@@ -132,6 +134,8 @@ class ContinualTrainer(L.Trainer):
             # the classifiers load and know every concept before anything is sampled
             self.evaluation.check_vocabulary({d: [r.target for r in self.requests if r.domain == d]
                                               for d in ("style", "object")})
+            if self.evaluation.attack is not None:  # an attack.concepts name no request erases: refused now
+                self.evaluation.attack.targets([], [r.target for r in self.requests])
         config = self.job_config or {"trainer": {"requests": [vars(r) for r in self.requests]}}
         run = RunFolder(self.run_dir, config)
         # One process per run folder (rank 0 holds the lock; the other DDP ranks follow it).
@@ -242,8 +246,15 @@ class ContinualTrainer(L.Trainer):
         if "per_concept" in result:
             metrics["per_concept"] = result["per_concept"]
         metrics["evaluation"] = evaluation.settings()  # which protocol measured this request (not the run identity)
+        metrics.update(measure_robustness(evaluation, model.diffusion, model.snapshot(), model.base_weights,
+                                          stage.erased, stage.domain, lambda probe: probe.due(stage.index + 1, last),
+                                          self._base_latents))
         measured = "  ".join(f"{label} {metrics[k]:.1f}" for k, label in (("UA", "UA"), ("RA_I", "RA-I"), ("RA_C", "RA-C"))
                              if k in metrics)
+        probes = metrics.get("robustness", {})
+        measured += "".join(f"  {label} {metrics[k]:.1f}" for k, label in (
+            ("ASR", "ASR"), ("ASR_paraphrase", "ASR-paraphrase"), ("relearn_UA", "relearn-UA")) if k in metrics)
+        cost = "".join(f", {name} {probes[name]['seconds']:.0f} s" for name in ("attack", "relearn") if name in probes)
         rank_zero_info(f"[cuig] request {stage.index + 1} ({', '.join(stage.targets)}): {measured}  "
-                       f"drift {metrics['drift']:.4g} ({time.time() - t0:.0f} s evaluation)")
+                       f"drift {metrics['drift']:.4g} ({time.time() - t0:.0f} s evaluation{cost})")
         return metrics

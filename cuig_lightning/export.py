@@ -27,6 +27,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 
 from cuig_lightning.checkpoints import write_json
 from cuig_lightning.evaluation.protocol import describe_protocol, drift
+from cuig_lightning.evaluation.robustness import measure_robustness
 from cuig_lightning.models.diffusion import DiffusionModel
 from cuig_lightning.run_folder import RunFolder, read_job
 
@@ -191,7 +192,7 @@ def model_card(job: dict, manifests: list[dict], loader: str) -> str:
     last = manifests[-1]
     metadata = yaml.safe_dump(card_metadata(base if model.get("model_path") else None, manifests), sort_keys=False,
                               allow_unicode=True)
-    metrics = {k: v for k, v in (last.get("metrics") or {}).items() if k not in ("per_concept", "evaluation")}
+    metrics = {k: v for k, v in (last.get("metrics") or {}).items() if not isinstance(v, dict)}  # numbers only
     callbacks = trainer.get("callbacks") or []
     lines = [
         "---",
@@ -258,12 +259,21 @@ def export_request(model, run_dir: Path, config: dict, request: int | None, outp
 
 def evaluate_request(model, run_dir: Path, config: dict, evaluation, request: int) -> dict:
     """Metrics of a finished request (UA / RA-I / RA-C over the concepts its manifest records as erased so
-    far, drift), or with ``request == 0`` the base model's style/object accuracy over the full grid."""
+    far, drift, and the evaluation's robustness probes: ASR, relearn_UA), or with ``request == 0`` the base
+    model's style/object accuracy over the full grid."""
+    probes = evaluation.attack is not None or evaluation.relearn is not None
     if request == 0:
+        if probes:
+            raise ValueError("the attack and the relearning probe need erased concepts: request 0 is the base model")
         return {"request": 0, **evaluation.base_accuracy(model.diffusion, run_dir / "base_samples.png"),
                 "evaluation": evaluation.settings()}
     manifest = RunFolder(run_dir, config).load_request(model, request)
     erased, domain = manifest["erased"], manifest["request"][-1]["domain"]
+    if evaluation.attack is not None:  # an unknown attack.concepts name: refused before anything is sampled
+        evaluation.attack.targets(erased)
     result = evaluation.evaluate(model.diffusion, erased, domain)
-    return {"request": manifest["index"], "erased": erased, **result, **drift(model.snapshot(), model.base_weights),
-            "evaluation": evaluation.settings()}
+    weights = model.snapshot()
+    robustness = measure_robustness(evaluation, model.diffusion, weights, model.base_weights, erased, domain,
+                                    lambda probe: True, cache={}) if probes else {}
+    return {"request": manifest["index"], "erased": erased, **result, **drift(weights, model.base_weights),
+            **robustness, "evaluation": evaluation.settings()}

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import Logger
 from cuig_lightning.continual import ContinualTrainer
 from cuig_lightning.data.anchors import UnlearningData
 from cuig_lightning.evaluation.protocol import Evaluation
+from cuig_lightning.evaluation.robustness import Attack, Relearn
 from cuig_lightning.config_checks import check_classes, check_instances
 from cuig_lightning.export import evaluate_request, export_request
 from cuig_lightning.methods import Method
@@ -43,14 +44,25 @@ class CuigTrainer(ContinualTrainer):
         print(f"exported to {path}")
 
 
-    def evaluate(self, model: UnlearningModule, datamodule: UnlearningData | None = None, request: int = -1) -> None:
+    def evaluate(self, model: UnlearningModule, datamodule: UnlearningData | None = None, request: int = -1,
+                 attack: Attack | None = None, relearn: Relearn | None = None) -> None:
         """Evaluate a finished request of ``trainer.run_dir`` (UA / RA-I / RA-C), or the base model.
 
         Args:
             request: 1-based request number; -1 the last finished one; 0 the base model (style and
                 object accuracy over the full grid).
+            attack: run the soft-prompt attack and paraphrases on the request's erased concepts (ASR) with
+                this budget (default: ``trainer.evaluation.attack``), e.g. ``--attack '{steps: 20}'``.
+            relearn: run the relearning probe (relearn_UA) with these options (default:
+                ``trainer.evaluation.relearn``).
         """
         evaluation = self.evaluation
+        if evaluation is None and (attack is not None or relearn is not None):
+            raise ValueError("the attack and the relearning probe need the run's evaluation section "
+                             "(trainer.evaluation: retain sets, sampler, classifiers); this run has none")
+        if evaluation is not None:
+            evaluation.attack = attack or evaluation.attack
+            evaluation.relearn = relearn or evaluation.relearn
         if evaluation is None:
             model_path = ((self.job_config or {}).get("model") or {}).get("model_path")
             if model_path != "canvas-mini":  # Canvas-mini's classifiers would score another model's images silently

@@ -49,6 +49,14 @@ class FidelityJob:
             raise ValueError(f"fidelity job {path}: row names repeat ({names})")
         self.requests = base_value(self.base, "trainer.requests") or []
 
+    def simultaneous_n(self, row: dict) -> list[int]:
+        """A simultaneous row's target counts, in launch order: its own ``after`` (a subset of the job's, e.g. the
+        costly ones first) or the job's."""
+        wanted = [int(n) for n in row.get("after", self.after)]
+        if not set(wanted) <= set(self.after):
+            raise ValueError(f"fidelity row {row['name']}: after {wanted} must be among the job's {self.after}")
+        return wanted
+
     def runs(self) -> dict[tuple[str, str, int | None], Run]:
         """(row, variant, n) -> its run (n: the simultaneous run's target count; None for a sequential job), in
         the job file's order."""
@@ -60,7 +68,7 @@ class FidelityJob:
                 writes = {str(row_file): row.get("overlay") or {}, str(variant_file): overlay or {}}
                 configs = [*self.base, str(row_file), str(variant_file)]
                 folder = self.output / row["name"] / variant
-                for n in self.after if row.get("simultaneous") else [None]:
+                for n in self.simultaneous_n(row) if row.get("simultaneous") else [None]:
                     first_n = [] if n is None else [f"--trainer.requests={json.dumps(self.requests[:n])}"]
                     # RA-I / RA-C where the table reads them (UA after every request)
                     runs[(row["name"], variant, n)] = Run(("fidelity", row["name"], variant, n),
@@ -92,17 +100,19 @@ def cells(job: FidelityJob, runs: dict) -> dict[tuple[str, str], dict]:
         for variant in row["variants"]:
             if row.get("simultaneous"):
                 # a simultaneous job writes its one metrics row when it ends
-                finals = {n: load_rows(runs[(row["name"], variant, n)].run_dir) for n in job.after}
+                finals = {n: load_rows(runs[(row["name"], variant, n)].run_dir) for n in job.simultaneous_n(row)}
                 curve = {n: rows[-1] for n, rows in finals.items() if rows}
             else:
-                curve = {r["request"]: r for r in load_rows(runs[(row["name"], variant, None)].run_dir)}
+                run = runs[(row["name"], variant, None)]  # an unfinished run is not reported (its curve is partial)
+                curve = {r["request"]: r for r in load_rows(run.run_dir)} if run.finished else {}
             if not curve:
                 continue
             last = curve[max(curve)]
             out[(row["name"], variant)] = {
                 "after": {n: {m: curve[n][m] for m in METRICS} for n in job.after if n in curve and "RA_I" in curve[n]},
                 "collapse": next((n for n in sorted(curve) if curve[n].get("RA_I", 100.0) < COLLAPSE), None),
-                "drift_rel": last.get("drift_rel"), "done": max(curve), "first": curve.get(1)}
+                "drift_rel": last.get("drift_rel"), "worst_UA": min(r["UA"] for r in curve.values()),
+                "first": curve.get(1)}
     return out
 
 
@@ -127,6 +137,8 @@ def findings(job: FidelityJob, found: dict) -> str:
     last = job.after[-1]
     said = []
     for row in job.rows:
+        if not {"today", "paper"} <= set(row["variants"]):
+            continue  # nothing to compare (e.g. the names row: paper against paper without the retain names)
         today, paper = found.get((row["name"], "today")), found.get((row["name"], "paper"))
         if not today or not paper:
             said.append(f"**{row['name']}**: not measured yet (runs missing).")
@@ -134,7 +146,9 @@ def findings(job: FidelityJob, found: dict) -> str:
         changes = [(abs(paper["after"][n][m] - today["after"][n][m]), n, m) for n in job.after
                    if n in paper["after"] and n in today["after"] for m in METRICS]
         size, n, m = max(changes)
-        said.append(f"**{row['name']}** (items {', '.join(map(str, row.get('items', [])))}): the largest change is "
+        items = row.get("items", [])
+        said.append(f"**{row['name']}** (item{'s' if len(items) > 1 else ''} {', '.join(map(str, items))}): "
+                    f"worst UA {today['worst_UA']:.1f} → {paper['worst_UA']:.1f}; the largest change is "
                     f"{m.replace('_', '-')} after {'n = ' if row.get('simultaneous') else 'request '}{n}, "
                     f"{today['after'][n][m]:.1f} → {paper['after'][n][m]:.1f} ({size:.1f} points); "
                     f"RA-I < 50 first at {today['collapse'] or 'never'} (today) and {paper['collapse'] or 'never'} (paper).")
@@ -154,6 +168,9 @@ def findings(job: FidelityJob, found: dict) -> str:
             f"{unnamed['after'][n]['RA_I']:.1f} (with them: {named['after'][n]['RA_I']:.1f})" for n in common)
             + " after requests " + ", ".join(map(str, common)) + ".")
     rs = {key: cell["r"] for key, cell in found.items() if cell.get("r") is not None}
+    if found and not rs:
+        said.append("After request 1 no run damaged its retained styles unevenly (each kept one accuracy for all of "
+                    "them), so no change makes damage follow text similarity there (no r to compute).")
     if rs:
         strong = {k: r for k, r in rs.items() if r <= -0.5}
         said.append("Damage after request 1 follows text similarity (r ≤ −0.5) for " + (
@@ -172,7 +189,7 @@ def write_fidelity(job: FidelityJob, runs: dict) -> Path:
     for cell in found.values():
         cell["r"] = similarity_r(cell.pop("first"), model)
     header = ["row", "variant"] + [f"{m.replace('_', '-')} @{n}" for m in METRICS for n in job.after] + [
-        "RA-I < 50 at", "drift (rel.)", "r @1"]
+        "worst UA", "RA-I < 50 at", "drift (rel.)", "r @1"]
     lines = [
         "# Fidelity: cuig before issue 33 (`today`) against the paper's code (`paper`)", "",
         f"Validation split, one seed ({job.seed}), one evaluation seed per prompt (the configs' evaluation); each "
@@ -180,15 +197,16 @@ def write_fidelity(job: FidelityJob, runs: dict) -> Path:
         f"`{job.output}`; values after requests {', '.join(map(str, job.after))} (simultaneous: the run on the "
         "first n targets), where RA-I / RA-C are measured (UA after every request), so *RA-I < 50 at* is the "
         "first of those requests; `–`: not run or not finished. r @1: Pearson r of the retained styles' accuracy "
-        "after request 1 against their text cosine to the target.", "",
+        "after request 1 against their text cosine to the target (`–` also where every retained style kept the "
+        "same accuracy: no damage to correlate).", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in job.rows:
         for variant in row["variants"]:
             cell = found.get((row["name"], variant))
             values = [f"{cell['after'][n][m]:.1f}" if cell and n in cell["after"] else "–"
                       for m in METRICS for n in job.after]
-            extra = (["–"] * 3 if not cell else
-                     [str(cell["collapse"] or "never"), f"{cell['drift_rel']:.4f}" if cell["drift_rel"] is not None
+            extra = (["–"] * 4 if not cell else
+                     [f"{cell['worst_UA']:.1f}", str(cell["collapse"] or "never"), f"{cell['drift_rel']:.4f}" if cell["drift_rel"] is not None
                       else "–", f"{cell['r']:.2f}" if cell["r"] is not None else "–"])
             lines.append(f"| {row['name']} | {variant} | " + " | ".join(values + extra) + " |")
     lines += ["", "## What changed what", "", findings(job, found), ""]

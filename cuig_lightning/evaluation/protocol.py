@@ -19,6 +19,7 @@ import torch
 from cuig_lightning.evaluation import unlearncanvas  # noqa: F401  (registers the unlearncanvas classifier kind)
 from cuig_lightning.evaluation.classifiers import Classifiers, load_classifiers
 from cuig_lightning.evaluation.metrics import unlearn_accuracy, unlearncanvas_metrics
+from cuig_lightning.evaluation.robustness import Attack, Relearn
 from cuig_lightning.models.diffusion import SAMPLERS, DiffusionModel, Sampler, sample_cfg, sampling_scheduler
 from cuig_lightning.progress import progress
 from cuig_lightning.requests import NEUTRAL_STYLE, caption
@@ -87,6 +88,8 @@ class Evaluation:
             seeds with unlearncanvas), and images classified at once by UnlearnCanvas' classifiers.
         save_samples: write a PNG grid of the first seed's images into each request folder.
         bf16: sample under bfloat16 autocast (about 2.5x faster on CPUs with bf16 support).
+        attack: the soft-prompt attack and paraphrases on the erased concepts (ASR; None: not run; robustness.py).
+        relearn: the relearning probe (relearn_UA; None: not run; robustness.py).
     """
 
     def __init__(
@@ -104,6 +107,8 @@ class Evaluation:
         batch_size: int = 96,
         save_samples: bool = True,
         bf16: bool = True,
+        attack: Attack | None = None,
+        relearn: Relearn | None = None,
     ):
         if classifier_kind not in PROTOCOLS:
             raise ValueError(f"trainer.evaluation.classifier_kind must be one of {', '.join(PROTOCOLS)}, "
@@ -134,7 +139,7 @@ class Evaluation:
         self.sampler, self.steps, self.batch_size = sampler, steps, batch_size
         self.guidance = protocol["guidance"] if guidance is None else guidance
         self.save_samples = save_samples
-        self.bf16 = bf16
+        self.bf16, self.attack, self.relearn = bf16, attack, relearn
         self._classifiers: Classifiers | None = None
 
     def settings(self) -> dict:
@@ -173,11 +178,13 @@ class Evaluation:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, model: DiffusionModel, pairs: list[tuple[str, str]],
-                 seeds: list[int] | None = None) -> torch.Tensor:
+    def generate(self, model: DiffusionModel, pairs: list[tuple[str, str]], seeds: list[int] | None = None,
+                 cond: torch.Tensor | None = None, latents: bool = False) -> torch.Tensor:
         """Images in [0, 1] as the classifiers read them (:meth:`Classifiers.prepare`: SD's 512x512
         images are shrunk batch by batch, so a 5-seed grid fits in memory), seed-major then pair, one per
         (seed, pair); ``seeds``: these instead of :attr:`seeds` (a seed's images do not depend on the others).
+        ``cond``: one text state per pair instead of its caption's (the soft-prompt attack's);
+        ``latents``: the sampled latents (float32, before decoding) instead of images.
 
         Each image's starting noise is drawn as it always was: one generator per seed, drawn from in chunks
         of ``batch_size`` prompts in order. UnlearnCanvas' grid is then sampled ``batch_size`` (seed, prompt)
@@ -188,7 +195,7 @@ class Evaluation:
         clf = self.classifiers
         was_training = model.unet.training
         model.unet.eval()
-        cond_all = model.encode_text([caption(s, o) for s, o in pairs]).to(device)
+        cond_all = (model.encode_text([caption(s, o) for s, o in pairs]) if cond is None else cond).to(device)
         uncond = model.encode_text([""]).to(device)
         seeds = self.seeds if seeds is None else seeds
         noise = torch.cat([self._seed_noise(seed, len(pairs), model.latent_shape) for seed in seeds])
@@ -200,10 +207,13 @@ class Evaluation:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             for batch in progress(batches, f"evaluation ({len(pairs)} prompts x {len(seeds)} seeds)"):
                 scheduler = sampling_scheduler(model.scheduler, self.steps, self.sampler)
-                cond = cond_all[pair_index[batch].to(device)]
-                latents = sample_cfg(model.unet, scheduler, noise[batch].to(device), cond, uncond, self.guidance)[0]
-                for part in latents.split(DECODE_BATCH):
-                    images.append(clf.prepare(model.decode(part.float()).float()).cpu())
+                batch_cond = cond_all[pair_index[batch].to(device)]
+                sampled = sample_cfg(model.unet, scheduler, noise[batch].to(device), batch_cond, uncond, self.guidance)[0]
+                if latents:
+                    images.append(sampled.float().cpu())
+                else:
+                    images += [clf.prepare(model.decode(part.float()).float()).cpu()
+                               for part in sampled.split(DECODE_BATCH)]
         model.unet.train(was_training)
         return torch.cat(images)
 

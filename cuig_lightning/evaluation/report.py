@@ -10,7 +10,10 @@ from cuig_lightning.checkpoints import atomic_write, write_json
 from cuig_lightning.evaluation.protocol import describe_protocol
 
 COLUMNS = ["request", "targets", "steps", "UA", "RA_I", "RA_C", "drift", "drift_rel"]
-OPTIONAL_COLUMNS = ["RA_seeds"]  # shown when a row has it (trainer.curve_seeds: RA from fewer seeds there)
+# shown when a row has them: RA from fewer seeds (trainer.curve_seeds); the robustness probes (evaluation.attack /
+# relearn, on the requests where they ran: evaluation/robustness.py)
+OPTIONAL_COLUMNS = ["RA_seeds", "ASR", "ASR_paraphrase", "relearn_UA"]
+PROBES = {"attack": "Attack", "relearn": "Relearning probe"}
 
 
 def columns(rows: list[dict]) -> list[str]:
@@ -37,6 +40,13 @@ def markdown_table(rows: list[dict]) -> str:
     elif protocols:  # a run resumed under other evaluation settings
         lines += [""] + [f"Evaluation of requests {', '.join(map(str, requests))}: {text}."
                          for text, requests in protocols.items()]
+    for probe, label in PROBES.items():  # the options and cost of each robustness probe, where it ran
+        ran = [r for r in rows if probe in (r.get("robustness") or {})]
+        if ran:
+            options = {k: v for k, v in sorted(ran[-1]["robustness"][probe].items()) if k != "seconds" and v is not None}
+            seconds = ", ".join(f"{r['robustness'][probe]['seconds']:.1f} s" for r in ran)
+            lines += ["", f"{label} after requests {', '.join(str(r['request']) for r in ran)} "
+                          f"({', '.join(f'{k} {v}' for k, v in options.items())}): {seconds}."]
     return "\n".join(lines)
 
 
@@ -66,9 +76,13 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     x = [r["request"] for r in rows]
     for key, label in (("UA", "UA"), ("RA_I", "RA-I"), ("RA_C", "RA-C")):
         ax.plot(x, [r.get(key) for r in rows], marker="o", label=label)
+    for key, label in (("ASR", "ASR (attack)"), ("ASR_paraphrase", "ASR (paraphrase)"), ("relearn_UA", "UA after relearning")):
+        probed = [r for r in rows if r.get(key) is not None]  # only where the probe ran (every k-th request)
+        if probed:
+            ax.plot([r["request"] for r in probed], [r[key] for r in probed], marker="s", linestyle="--", label=label)
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
-    ax.legend()
+    ax.legend(fontsize=7)
     drift_ax.plot(x, [100 * r["drift_rel"] if r.get("drift_rel") is not None else None for r in rows],
                   marker="o", color="tab:red")
     drift_ax.set_ylabel("drift ‖θ − θ0‖ / ‖θ0‖ (%)")

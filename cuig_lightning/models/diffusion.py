@@ -158,16 +158,21 @@ class DiffusionModel(nn.Module):
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """Per-token text states ``(batch, max_length, dim)`` that condition the UNet, padding positions included."""
-        tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        )
+        return self.text_states(self.token_ids(prompts))
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """The prompts' token ids ``(batch, max_length)``, padded to ``max_length`` (what :meth:`text_states` reads)."""
+        return self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def text_states(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode_text` from token ids, with gradient (the soft-prompt attack differentiates through it):
+        the one place the causal mask of a bidirectional encoder is applied."""
         device = next(self.text_encoder.parameters()).device
-        mask = None
+        mask, n = None, token_ids.shape[1]
         if self.causal_mask:
-            n = self.max_length
-            mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None].expand(len(prompts), 1, n, n)
-        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)
-        return out.last_hidden_state.float()
+            mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None].expand(len(token_ids), 1, n, n)
+        return self.text_encoder(token_ids.to(device), attention_mask=mask).last_hidden_state.float()
 
     #: Where a concept's name stands when it is embedded on its own (GradProj, similarity): the prompt position
     #: it has in the evaluation captions. With causal states only the words before the name matter.
@@ -235,16 +240,8 @@ class DiffusionModel(nn.Module):
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def sample(
-        self,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
-        generator: torch.Generator,
-        steps: int = 25,
-        guidance: float = 3.0,
-        eta: float = 0.0,
-        sampler: Sampler = "ddim",
-    ) -> torch.Tensor:
+    def sample(self, cond: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator, steps: int = 25,
+               guidance: float = 3.0, eta: float = 0.0, sampler: Sampler = "ddim") -> torch.Tensor:
         """CFG sampling from fresh noise (DDIM unless ``sampler`` says otherwise); returns latents (the UNet's
         working space)."""
         scheduler = sampling_scheduler(self.scheduler, steps, sampler)

@@ -63,18 +63,28 @@ def test_the_report_reads_each_run_and_says_what_changed(tmp_path):
     runs = job.runs()
     target = REQUESTS[0]["target"]
     even = {s: 100.0 for s in RETAIN}
-    _write(runs[("sequential", "today", None)], [_row(1, 90.0, target, even), _row(2, 40.0, REQUESTS[1]["target"])])
-    _write(runs[("sequential", "paper", None)], [_row(1, 95.0, target, even), _row(2, 60.0, REQUESTS[1]["target"])])
+    later = [{**_row(n, 0.0, REQUESTS[n - 1]["target"]), "RA_I": None} for n in range(3, len(REQUESTS) + 1)]
+    for row in later:  # UA alone after the requests the table does not read
+        del row["RA_I"], row["RA_C"]
+    _write(runs[("sequential", "today", None)], [_row(1, 90.0, target, even), _row(2, 40.0, REQUESTS[1]["target"])]
+           + later)
+    _write(runs[("sequential", "paper", None)], [_row(1, 95.0, target, even), _row(2, 60.0, REQUESTS[1]["target"])]
+           + later)
     _write(runs[("simultaneous", "paper", 1)], [_row(1, 97.0, target)])  # today's simultaneous runs never ran
     found = cells(job, runs)
     assert found[("sequential", "today")]["collapse"] == 2 and found[("sequential", "paper")]["collapse"] is None
     assert found[("sequential", "paper")]["after"][2]["RA_I"] == 60.0
     assert found[("simultaneous", "paper")]["after"] == {1: {"UA": 100.0, "RA_I": 97.0, "RA_C": 90.0}}
     assert ("simultaneous", "today") not in found
+    # a sequential run that has not reached its last request is not reported (its curve would be partial)
+    _write(runs[("sequential", "paper", None)], [_row(1, 95.0, target, even), _row(2, 60.0, REQUESTS[1]["target"])])
+    assert ("sequential", "paper") not in cells(job, job.runs())
+    _write(runs[("sequential", "paper", None)], [_row(1, 95.0, target, even), _row(2, 60.0, REQUESTS[1]["target"])]
+           + later)
 
     text = write_fidelity(job, runs).read_text()
-    assert "| sequential | today | 100.0 | 100.0 | 90.0 | 40.0 | 90.0 | 90.0 | 2 | 0.0200 | – |" in text
-    assert "| simultaneous | today | – | – | – | – | – | – | – | – | – |" in text
+    assert "| sequential | today | 100.0 | 100.0 | 90.0 | 40.0 | 90.0 | 90.0 | 100.0 | 2 | 0.1200 | – |" in text
+    assert "| simultaneous | today | – | – | – | – | – | – | – | – | – | – |" in text
     assert "RA-I after request 2, 40.0 → 60.0 (20.0 points)" in text  # the largest change of the row
     assert "**simultaneous**: not measured yet" in text
     saved = json.loads((tmp_path / "report" / "fidelity.json").read_text())
@@ -83,12 +93,18 @@ def test_the_report_reads_each_run_and_says_what_changed(tmp_path):
 
 def test_findings_say_when_damage_follows_text_similarity(tmp_path):
     job = _job(tmp_path)
-    found = {("sequential", "today"): {"after": {1: {"UA": 100, "RA_I": 90, "RA_C": 90}}, "collapse": None, "r": -0.8},
-             ("sequential", "paper"): {"after": {1: {"UA": 100, "RA_I": 92, "RA_C": 90}}, "collapse": None, "r": -0.1}}
+    found = {("sequential", "today"): {"after": {1: {"UA": 100, "RA_I": 90, "RA_C": 90}}, "collapse": None, "r": -0.8,
+                                       "worst_UA": 100.0},
+             ("sequential", "paper"): {"after": {1: {"UA": 100, "RA_I": 92, "RA_C": 90}}, "collapse": None, "r": -0.1,
+                                       "worst_UA": 95.0}}
     text = findings(job, found)
     assert "follows text similarity (r ≤ −0.5) for sequential/today (r = -0.80)" in text
+    assert "**sequential** (item 1): worst UA 100.0 → 95.0" in text
     found[("sequential", "today")]["r"] = 0.2
     assert "for no variant" in findings(job, found)
+    for cell in found.values():
+        cell["r"] = None
+    assert "no r to compute" in findings(job, found)
 
 
 def test_a_bad_job_file_is_refused_in_one_line(tmp_path):
@@ -105,6 +121,9 @@ def test_a_bad_job_file_is_refused_in_one_line(tmp_path):
 def test_the_committed_job_parses_and_every_overlay_is_a_config(tmp_path):
     job = FidelityJob(CONFIGS / "paper" / "fidelity.yaml")
     assert [row["name"] for row in job.rows][:2] == ["sequential", "gradproj"]
-    assert all(set(row["variants"]) >= {"today", "paper"} for row in job.rows)
-    assert len(job.runs()) == sum(len(r["variants"]) * (len(job.after) if r.get("simultaneous") else 1)
+    assert all("paper" in row["variants"] for row in job.rows)
+    assert sum("today" in row["variants"] for row in job.rows) == len(job.rows) - 1  # all but the names row
+    assert len(job.runs()) == sum(len(r["variants"]) * (len(job.simultaneous_n(r)) if r.get("simultaneous") else 1)
                                   for r in job.rows)
+    with pytest.raises(ValueError, match="must be among the job's"):
+        job.simultaneous_n({"name": "s", "after": [3]})
