@@ -127,3 +127,14 @@ def test_the_committed_job_parses_and_every_overlay_is_a_config(tmp_path):
                                   for r in job.rows)
     with pytest.raises(ValueError, match="must be among the job's"):
         job.simultaneous_n({"name": "s", "after": [3]})
+
+
+def test_the_committed_report_is_what_its_command_rebuilds(tmp_path, monkeypatch):
+    """results/fidelity.md is `cuig fidelity --job configs/paper/fidelity.yaml --report_only true` on the committed
+    runs' metrics (here written into a temporary folder)."""
+    monkeypatch.chdir(CONFIGS.parent)  # the job's paths are relative to the repository
+    job = FidelityJob(CONFIGS / "paper" / "fidelity.yaml")
+    job.report = tmp_path
+    rebuilt = write_fidelity(job, job.runs()).read_text()
+    assert rebuilt == (CONFIGS.parent / "results" / "fidelity.md").read_text()
+    assert "| gradproj | paper |" in rebuilt and "not measured yet" not in rebuilt  # every compared row has its runs
