@@ -1,5 +1,5 @@
 """The ``cuig`` commands that are not Trainer stages, as typed functions (their docstrings are the help):
-``benchmark``, ``fidelity``, ``pretrain``, ``evaluate-base``, ``train-classifier``, ``instrument``, ``speed``
+``benchmark``, ``fidelity``, ``robustness``, ``pretrain``, ``evaluate-base``, ``train-classifier``, ``instrument``, ``speed``
 and ``evaluation-speed``. Thin wrappers: the
 work is done by :mod:`cuig_lightning.benchmark`, the :mod:`cuig_lightning.canvas_mini` package (``pretrain`` and
 ``instrument`` are its functions as they are) and :mod:`cuig_lightning.speed` (``speed`` as it is).
@@ -15,6 +15,7 @@ from typing import Literal
 from cuig_lightning.benchmark import Tuning, run_benchmark
 from cuig_lightning.benchmark.evaluation_speed import evaluation_speed
 from cuig_lightning.benchmark.fidelity import run_fidelity
+from cuig_lightning.benchmark.robustness import run_robustness
 from cuig_lightning.canvas_mini import classifiers
 from cuig_lightning.canvas_mini import pretrain as canvas_pretrain
 from cuig_lightning.canvas_mini.instrument import instrument
@@ -91,6 +92,23 @@ def fidelity(job: Path = Path("configs/paper/fidelity.yaml"), jobs: int = 1, rep
     print(f"wrote {path}")
 
 
+def robustness(job: Path = Path("configs/paper/robustness.yaml"), jobs: int = 1, report_only: bool = False) -> None:
+    """Issue 36's robustness table: attack success and UA after relearning, row by row, after requests 1/4/8/12.
+
+    Args:
+        job: the job file (base configs with the probes, seed, rows with their overlays; see
+            :mod:`cuig_lightning.benchmark.robustness`).
+        jobs: ``cuig fit`` processes at once (1: one after another, in this process).
+        report_only: rebuild ``robustness.md`` from the finished runs without training.
+    """
+    try:
+        path = run_robustness(job, jobs, report_only, fit=lambda args: CuigCLI(args=args))
+    except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
+        print(f"cuig: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"wrote {path}")
+
+
 def evaluate_base(model_folder: Path | None = None, seeds: list[int] = [188, 288], steps: int = 20,
                   guidance: float = 1.5, device: str = "cpu") -> None:  # fmt: skip
     """Style / object / neutral accuracy of a Canvas-mini model over every style class x every object.
@@ -125,4 +143,4 @@ def train_classifier(kind: Literal["style", "object", "both"] = "both", steps: i
 
 COMMANDS = {"benchmark": benchmark, "pretrain": canvas_pretrain.pretrain, "evaluate-base": evaluate_base,
             "train-classifier": train_classifier, "instrument": instrument, "speed": speed,
-            "evaluation-speed": evaluation_speed, "fidelity": fidelity}
+            "evaluation-speed": evaluation_speed, "fidelity": fidelity, "robustness": robustness}

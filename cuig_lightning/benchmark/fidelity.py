@@ -29,24 +29,27 @@ from cuig_lightning.benchmark.report import pearson
 COLLAPSE = 50.0  # RA-I below this: the row has collapsed (the README's threshold)
 
 
-class FidelityJob:
-    """The job file, read and checked (one-line errors for what a user can get wrong)."""
+class StudyJob:
+    """A job file of rows × variants, each an ordinary ``cuig fit`` (this table's, and the robustness table's:
+    :mod:`cuig_lightning.benchmark.robustness`), read and checked (one-line errors for what a user can get wrong).
+    ``kind`` names the study in messages and in the runs' keys."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, kind: str = "fidelity"):
+        self.kind = kind
         data = yaml.safe_load(Path(path).read_text()) or {}
         missing = [k for k in ("base", "rows", "output", "report") if k not in data]
         if missing:
-            raise ValueError(f"fidelity job {path} lacks {', '.join(missing)}")
+            raise ValueError(f"{kind} job {path} lacks {', '.join(missing)}")
         self.base = [data["base"]] if isinstance(data["base"], str) else list(data["base"])
         self.seed, self.after = int(data.get("seed", 0)), [int(n) for n in data.get("after", [1, 4, 8, 12])]
         self.output, self.report = Path(data["output"]), Path(data["report"])
         self.rows: list[dict] = data["rows"]
         for row in self.rows:
             if not isinstance(row, dict) or "name" not in row or not row.get("variants"):
-                raise ValueError(f"fidelity job {path}: every row needs a name and variants, got {row!r}")
+                raise ValueError(f"{kind} job {path}: every row needs a name and variants, got {row!r}")
         names = [row["name"] for row in self.rows]
         if len(set(names)) != len(names):
-            raise ValueError(f"fidelity job {path}: row names repeat ({names})")
+            raise ValueError(f"{kind} job {path}: row names repeat ({names})")
         self.requests = base_value(self.base, "trainer.requests") or []
 
     def simultaneous_n(self, row: dict) -> list[int]:
@@ -54,7 +57,7 @@ class FidelityJob:
         costly ones first) or the job's."""
         wanted = [int(n) for n in row.get("after", self.after)]
         if not set(wanted) <= set(self.after):
-            raise ValueError(f"fidelity row {row['name']}: after {wanted} must be among the job's {self.after}")
+            raise ValueError(f"{self.kind} row {row['name']}: after {wanted} must be among the job's {self.after}")
         return wanted
 
     def runs(self) -> dict[tuple[str, str, int | None], Run]:
@@ -71,28 +74,33 @@ class FidelityJob:
                 for n in self.simultaneous_n(row) if row.get("simultaneous") else [None]:
                     first_n = [] if n is None else [f"--trainer.requests={json.dumps(self.requests[:n])}"]
                     # RA-I / RA-C where the table reads them (UA after every request)
-                    runs[(row["name"], variant, n)] = Run(("fidelity", row["name"], variant, n),
+                    runs[(row["name"], variant, n)] = Run((self.kind, row["name"], variant, n),
                                                           folder / (f"n{n}" if n else f"seed{self.seed}"),
                                                           configs, self.seed, writes=writes, overrides=first_n,
                                                           measure_retention=list(self.after))
         return runs
 
 
-def run_fidelity(job_path: str | Path, jobs: int = 1, report_only: bool = False,
-                 fit: Callable[[list[str]], object] | None = None) -> Path:
-    """Run every unfinished run of the job (``jobs`` at once), then write the report; returns its path."""
-    job = FidelityJob(job_path)
+def run_study(job: StudyJob, write: Callable[[StudyJob, dict], Path], jobs: int = 1, report_only: bool = False,
+              fit: Callable[[list[str]], object] | None = None) -> Path:
+    """Run every unfinished run of the job (``jobs`` at once), then ``write`` the report; returns its path."""
     runs = job.runs()
     failed = [] if report_only else execute(list(runs.values()), fit, jobs)
-    path = write_fidelity(job, runs)
+    path = write(job, runs)
     if failed:
-        raise RuntimeError(f"{len(failed)} fidelity run(s) failed; logs: "
+        raise RuntimeError(f"{len(failed)} {job.kind} run(s) failed; logs: "
                            + ", ".join(str(r.run_dir.with_suffix(".log")) for r in failed[:3]))
     return path
 
 
+def run_fidelity(job_path: str | Path, jobs: int = 1, report_only: bool = False,
+                 fit: Callable[[list[str]], object] | None = None) -> Path:
+    """The fidelity table's runs and report (:func:`run_study`)."""
+    return run_study(StudyJob(job_path), write_fidelity, jobs, report_only, fit)
+
+
 # ------------------------------------------------------------------------------------------------ the numbers
-def cells(job: FidelityJob, runs: dict) -> dict[tuple[str, str], dict]:
+def cells(job: StudyJob, runs: dict) -> dict[tuple[str, str], dict]:
     """(row, variant) -> its numbers: ``after`` {n: {UA, RA_I, RA_C}}, ``collapse`` (first n with RA-I < 50),
     ``drift_rel`` (after the last request), ``first`` (the request-1 row, for r); only what has finished."""
     out = {}
@@ -130,7 +138,7 @@ def similarity_r(first: dict | None, model) -> float | None:
     return None if r != r else round(r, 3)  # NaN: every retained style kept the same accuracy
 
 
-def findings(job: FidelityJob, found: dict) -> str:
+def findings(job: StudyJob, found: dict) -> str:
     """The paragraph under the table, by fixed rules from the numbers: per row, the largest change paper − today
     over the table's cells; GradProj's in-domain retention against the sequential row; names without the
     retain set; and whether any variant's damage after request 1 follows text similarity (r ≤ −0.5)."""
@@ -180,7 +188,7 @@ def findings(job: FidelityJob, found: dict) -> str:
     return " ".join(said)
 
 
-def write_fidelity(job: FidelityJob, runs: dict) -> Path:
+def write_fidelity(job: StudyJob, runs: dict) -> Path:
     """``fidelity.md`` and ``fidelity.json`` under the job's ``report`` folder, from the finished runs."""
     from cuig_lightning.models.diffusion import DiffusionModel
 

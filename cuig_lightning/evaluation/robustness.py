@@ -15,7 +15,9 @@
   **ASR_paraphrase** is its better paraphrase's share, the overall one their mean over the attacked concepts.
 * **Relearning probe** (:func:`relearn`): a copy of the trainable tensors is fine-tuned ``steps`` steps with the
   denoising loss on θ0's images of the retained concepts only (retain styles × retain objects, never an erased
-  concept); then UA of every erased concept is measured again (**relearn_UA**). θ0's images stand for the clean
+  concept); then UA of every erased concept is measured again (**relearn_UA**: the mean over the erased
+  concepts of each one's UA on its row of the grid, also recorded per concept; and **relearn_RA_I**, RA-I of the
+  fine-tuned copy: whether the fine-tuning moved the model at all). θ0's images stand for the clean
   data of the concepts a user may go on training: the model's own images would only teach it what it already
   draws (after a collapse, broken retained images).
 
@@ -50,14 +52,27 @@ def _at_least(name: str, value, least) -> None:
         raise ValueError(f"{name} must be {'> 0' if least == 1e-12 else f'>= {least}'}, got {value!r}")
 
 
+def _every(name: str, every) -> int | list[int]:
+    """``every``: a positive int, or a non-empty list of request numbers (>= 1)."""
+    if isinstance(every, (list, tuple)):
+        if not every:
+            raise ValueError(f"{name} must name at least one request, got []")
+        for n in every:
+            _at_least(name, n, 1)
+        return sorted(set(every))
+    _at_least(name, every, 1)
+    return every
+
+
 class _Probe:
     """What both probes' options share: when they run, and their settings as recorded in metrics.json."""
 
-    every: int
+    every: int | list[int]
 
     def due(self, request: int, last: bool) -> bool:
-        """Whether the probe runs after request ``request`` (1-based): every ``every``-th, and the last."""
-        return last or request % self.every == 0
+        """Whether the probe runs after request ``request`` (1-based): every ``every``-th (a list: those
+        requests), and the last."""
+        return last or (request in self.every if isinstance(self.every, list) else request % self.every == 0)
 
     def settings(self) -> dict:
         return dict(vars(self))
@@ -72,24 +87,35 @@ class Attack(_Probe):
         restarts: restart 0 starts at the name's own token embeddings, the others at random vocabulary tokens.
         learning_rate: Adam's learning rate on the embeddings.
         seed: seed of the restarts' starts and of the loss's noise and timesteps.
-        every: run after every ``every``-th request (request numbers divisible by it) and after the last.
+        every: run after every ``every``-th request (request numbers divisible by it), or after the listed
+            requests (e.g. [1, 4, 8, 12]); and after the last.
         concepts: attack only these erased concepts (None: every concept erased so far).
         paraphrase_template: the other-template paraphrase, with ``{object}`` and ``{style}``.
+        budget_steps: smaller step budgets also judged on the way (each restart's embedding after that many steps
+            is sampled too): ``ASR_by_steps``, how much of the attack it takes; those above ``steps`` are ignored.
     """
 
     def __init__(self, steps: int = 20, tokens: int | None = None, restarts: int = 1, learning_rate: float = 0.01,
-                 seed: int = 0, every: int = 1, concepts: list[str] | None = None,
-                 paraphrase_template: str = "{object} in the style of {style}."):
-        for name, value, least in (("steps", steps, 0), ("restarts", restarts, 1), ("every", every, 1),
-                                   ("seed", seed, 0), ("learning_rate", learning_rate, 1e-12)):
+                 seed: int = 0, every: int | list[int] = 1, concepts: list[str] | None = None,
+                 paraphrase_template: str = "{object} in the style of {style}.", budget_steps: list[int] = [2, 5, 10]):
+        for name, value, least in (("steps", steps, 0), ("restarts", restarts, 1), ("seed", seed, 0),
+                                   ("learning_rate", learning_rate, 1e-12)):
             _at_least(f"attack.{name}", value, least)
         if tokens is not None:
             _at_least("attack.tokens", tokens, 1)
         if "{object}" not in paraphrase_template or "{style}" not in paraphrase_template:
             raise ValueError(f"attack.paraphrase_template needs {{object}} and {{style}}, got {paraphrase_template!r}")
         self.steps, self.tokens, self.restarts, self.learning_rate = steps, tokens, restarts, learning_rate
-        self.seed, self.every, self.concepts = seed, every, None if concepts is None else list(concepts)
+        self.seed, self.every = seed, _every("attack.every", every)
+        self.concepts = None if concepts is None else list(concepts)
         self.paraphrase_template = paraphrase_template
+        for k in budget_steps:
+            _at_least("attack.budget_steps", k, 0)
+        self.budget_steps = sorted(set(budget_steps))
+
+    def budgets(self) -> list[int]:
+        """The step budgets judged: the smaller ones below ``steps``, then ``steps``."""
+        return [k for k in self.budget_steps if k < self.steps] + [self.steps]
 
     def targets(self, erased: list[str], known: list[str] | None = None) -> list[str]:
         """The concepts attacked among ``erased``; a name in :attr:`concepts` outside ``known`` (default
@@ -109,15 +135,16 @@ class Relearn(_Probe):
         learning_rate: Adam's learning rate on the trainable tensors.
         batch_size: images per step, drawn from retain styles × retain objects × evaluation seeds.
         seed: seed of the drawn images, noise and timesteps.
-        every: run after every ``every``-th request and after the last.
+        every: run after every ``every``-th request, or after the listed requests; and after the last.
     """
 
     def __init__(self, steps: int = 20, learning_rate: float = 1e-4, batch_size: int = 8, seed: int = 0,
-                 every: int = 1):
-        for name, value, least in (("steps", steps, 0), ("batch_size", batch_size, 1), ("every", every, 1),
-                                   ("seed", seed, 0), ("learning_rate", learning_rate, 1e-12)):
+                 every: int | list[int] = 1):
+        for name, value, least in (("steps", steps, 0), ("batch_size", batch_size, 1), ("seed", seed, 0),
+                                   ("learning_rate", learning_rate, 1e-12)):
             _at_least(f"relearn.{name}", value, least)
-        self.steps, self.learning_rate, self.batch_size, self.seed, self.every = steps, learning_rate, batch_size, seed, every
+        self.steps, self.learning_rate, self.batch_size, self.seed = steps, learning_rate, batch_size, seed
+        self.every = _every("relearn.every", every)
 
 
 # ---------------------------------------------------------------------------------------------- shared parts
@@ -152,18 +179,21 @@ def denoising_loss(model: DiffusionModel, predict: Callable, latents: torch.Tens
     return F.mse_loss(pred.float(), denoising_target(model, batch).float())
 
 
-def minimise(leaves: list[torch.Tensor], loss_of: Callable[[], torch.Tensor], steps: int, lr: float) -> list[float]:
+def minimise(leaves: list[torch.Tensor], loss_of: Callable[[], torch.Tensor], steps: int, lr: float,
+             after_step: Callable[[int], None] | None = None) -> list[float]:
     """``steps`` Adam steps on ``leaves``; gradients from ``torch.autograd.grad`` (no other tensor's ``.grad``
-    is written). Returns the loss before each step."""
+    is written); ``after_step(k)`` after the k-th step. Returns the loss before each step."""
     optimizer = torch.optim.Adam(leaves, lr=lr)
     losses = []
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             loss = loss_of()
             for leaf, grad in zip(leaves, torch.autograd.grad(loss, leaves)):
                 leaf.grad = grad
             optimizer.step()
             losses.append(float(loss.detach()))
+            if after_step is not None:
+                after_step(step)
     return losses
 
 
@@ -246,12 +276,15 @@ def attack_concept(evaluation: Evaluation, model: DiffusionModel, targets: torch
     θ0's latents of the concept's row, seed-major as :meth:`Evaluation.generate` returns them.
 
     Returns ``ASR`` (percent), ``shares`` (each candidate's: the plain prompt, then each restart's end),
-    ``embeddings`` (the candidates; the plain prompt's: the name's own token embeddings), ``losses`` (per restart,
-    the loss before each step)."""
+    ``embeddings`` (those candidates; the plain prompt's: the name's own token embeddings), ``by_steps`` (the
+    ASR of each smaller budget of :meth:`Attack.budgets`: the best share among the plain prompt and the
+    restarts' embeddings after at most that many steps; the last is ``ASR``), ``losses`` (per restart, the loss
+    before each step)."""
     pairs = concept_row(evaluation, concept, domain)
     soft = SoftPrompt(model, pairs, concept, domain, attack.tokens)
     device = next(model.unet.parameters()).device
-    candidates, losses = [soft.own.clone()], []
+    budgets = attack.budgets()
+    candidates, losses, found = [soft.own.clone()], [], {k: [] for k in budgets}  # found: budget -> embeddings
     with unet_weights(model.unet, None):  # eval mode; the current weights
         for restart in range(attack.restarts):
             generator = _generator(attack.seed, concept, restart)
@@ -263,12 +296,24 @@ def attack_concept(evaluation: Evaluation, model: DiffusionModel, targets: torch
                 return denoising_loss(model, lambda x, t, c: model.unet(x, t, encoder_hidden_states=c).sample,
                                       targets, states, generator)
 
-            losses.append(minimise([embedding], loss_of, attack.steps, attack.learning_rate))
+            def keep(step: int) -> None:  # the embedding after `step` steps is a smaller budget's candidate
+                if step in found and step != attack.steps:
+                    found[step].append(embedding.detach().cpu().clone())
+
+            keep(0)
+            losses.append(minimise([embedding], loss_of, attack.steps, attack.learning_rate, keep))
             candidates.append(embedding.detach().cpu())
         with torch.no_grad():  # the plain prompt by its captions (the name's own tokens, whatever ``tokens`` is)
-            shares = [concept_share(evaluation, model, pairs, concept, domain, None if i == 0 else soft.states(model, e))
-                      for i, e in enumerate(candidates)]
-    return {"ASR": max(shares), "shares": shares, "embeddings": candidates, "losses": losses}
+            def share(embedding: torch.Tensor | None) -> float:
+                cond = None if embedding is None else soft.states(model, embedding)
+                return concept_share(evaluation, model, pairs, concept, domain, cond)
+
+            shares = [share(None)] + [share(e) for e in candidates[1:]]
+            by_steps, best = {}, shares[0]
+            for k in budgets:  # increasing: a larger budget also has every smaller one's candidates
+                best = max([best, *map(share, found[k])]) if k != attack.steps else max(shares)
+                by_steps[k] = best
+    return {"ASR": max(shares), "shares": shares, "embeddings": candidates, "by_steps": by_steps, "losses": losses}
 
 
 @torch.no_grad()
@@ -311,8 +356,9 @@ def measure_robustness(evaluation: Evaluation, model: DiffusionModel, weights: d
                        cache: dict) -> dict:
     """The probes of ``evaluation`` (``attack``, ``relearn``) for which ``due(options)`` holds, on the model with
     its current ``weights`` (also in its UNet) after a request that leaves ``erased`` (of ``domain``) erased;
-    ``base``: θ0's trainable tensors. Returns metrics keys: ``ASR``, ``ASR_per_concept``, ``ASR_paraphrase``,
-    ``ASR_paraphrase_per_concept``, ``relearn_UA`` and ``robustness`` (the options and seconds), or {}.
+    ``base``: θ0's trainable tensors. Returns metrics keys: ``ASR``, ``ASR_per_concept``, ``ASR_by_steps`` (the
+    mean over the attacked concepts per step budget, keys the budgets as text), ``ASR_paraphrase``,
+    ``ASR_paraphrase_per_concept``, ``relearn_UA``, ``relearn_UA_per_concept``, ``relearn_RA_I`` and ``robustness`` (the options and seconds), or {}.
     ``cache`` keeps θ0's latents across calls (the same pairs sample the same images)."""
 
     def base_latents(pairs: list[tuple[str, str]]) -> torch.Tensor:
@@ -326,12 +372,15 @@ def measure_robustness(evaluation: Evaluation, model: DiffusionModel, weights: d
     attack, probe = evaluation.attack, evaluation.relearn
     if attack is not None and due(attack) and attack.targets(erased):
         t0 = time.perf_counter()
-        asr, paraphrase = {}, {}
+        asr, by_steps, paraphrase = {}, {}, {}
         for concept in attack.targets(erased):
             targets = base_latents(concept_row(evaluation, concept, domain))
-            asr[concept] = attack_concept(evaluation, model, targets, concept, domain, attack)["ASR"]
+            found = attack_concept(evaluation, model, targets, concept, domain, attack)
+            asr[concept], by_steps[concept] = found["ASR"], found["by_steps"]
             paraphrase[concept] = paraphrase_shares(evaluation, model, concept, domain, attack.paraphrase_template)
         metrics.update(ASR=round(sum(asr.values()) / len(asr), 3), ASR_per_concept={c: round(v, 3) for c, v in asr.items()},
+                       ASR_by_steps={str(k): round(sum(b[k] for b in by_steps.values()) / len(by_steps), 3)
+                                     for k in attack.budgets()},
                        ASR_paraphrase=round(sum(max(p.values()) for p in paraphrase.values()) / len(paraphrase), 3),
                        ASR_paraphrase_per_concept={c: {k: round(v, 3) for k, v in p.items()} for c, p in paraphrase.items()})
         record["attack"] = {**attack.settings(), "seconds": round(time.perf_counter() - t0, 2)}
@@ -342,8 +391,14 @@ def measure_robustness(evaluation: Evaluation, model: DiffusionModel, weights: d
         if not pairs:
             raise ValueError("relearn: no retained (style, object) pair is left to fine-tune on")
         relearned = relearn(evaluation, model, weights, base_latents(pairs), pairs, probe)
-        with unet_weights(model.unet, relearned):
-            metrics["relearn_UA"] = round(evaluation.unlearn_accuracy(model, erased, domain), 3)
+        retained = [c for c in evaluation.retain[domain] if c not in erased]
+        with unet_weights(model.unet, relearned):  # UA per concept (its row of the grid), then their mean
+            ua = {c: 100.0 - concept_share(evaluation, model, concept_row(evaluation, c, domain), c, domain)
+                  for c in erased}
+            ra = [concept_share(evaluation, model, concept_row(evaluation, c, domain), c, domain) for c in retained]
+        metrics.update(relearn_UA=round(sum(ua.values()) / len(ua), 3),
+                       relearn_UA_per_concept={c: round(v, 3) for c, v in ua.items()},
+                       relearn_RA_I=round(sum(ra) / len(ra), 3) if ra else None)
         record["relearn"] = {**probe.settings(), "seconds": round(time.perf_counter() - t0, 2)}
     if record:
         metrics["robustness"] = record

@@ -42,6 +42,14 @@ def test_neighbours_diagnostic_measures_every_other_style(capsys):
     assert request["target"] == "Artist_Sketch" and sorted(retain) == sorted(set(world.STYLES) - {"Artist_Sketch"})
 
 
+def test_the_robustness_probes_overlay_sets_both_probes(capsys):
+    cfg = printed_config(capsys, CONFIGS / "seq12.yaml", CONFIGS / "paper" / "robustness_probes.yaml")
+    evaluation = cfg["trainer"]["evaluation"]["init_args"]
+    assert evaluation["retain_styles"]  # merged into seq12's evaluation, not replacing it
+    for probe in ("attack", "relearn"):
+        assert evaluation[probe]["init_args"]["every"] == [1, 4, 8, 12]
+
+
 @pytest.mark.parametrize("domain, targets", [("style", METHOD_MD_STYLES), ("object", METHOD_MD_OBJECTS)])
 def test_unlearncanvas_configs_name_the_paper_sequences(capsys, domain, targets):
     cfg = printed_config(capsys, CONFIGS / "unlearncanvas" / f"seq12_{domain}.yaml")

@@ -11,7 +11,8 @@ import yaml
 
 from tests.helpers import run_cli, tiny_evaluation, tree_digest, write_tiny_job
 
-KEYS = {"ASR", "ASR_per_concept", "ASR_paraphrase", "ASR_paraphrase_per_concept", "relearn_UA", "robustness"}
+KEYS = {"ASR", "ASR_per_concept", "ASR_paraphrase", "ASR_paraphrase_per_concept", "relearn_UA", "relearn_UA_per_concept",
+        "relearn_RA_I", "ASR_by_steps", "robustness"}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_metrics_have_the_probes_where_they_ran(job):
     assert manifest["metrics"]["ASR"] == second["ASR"]
     header = (run / "metrics.md").read_text().splitlines()[0]
     assert "| ASR | ASR_paraphrase | relearn_UA |" in header
-    assert "Attack after requests 2, 3 (every 2, learning_rate 0.01, " in (run / "metrics.md").read_text()
+    assert "Attack after requests 2, 3 (budget_steps [2, 5, 10], every 2, learning_rate 0.01, " in (run / "metrics.md").read_text()
 
 
 def test_evaluate_recomputes_the_same_numbers_and_a_resumed_job_none(job, capsys):

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from cuig_lightning.benchmark.fidelity import FidelityJob, cells, findings, write_fidelity
+from cuig_lightning.benchmark.fidelity import StudyJob, cells, findings, write_fidelity
 from tests.helpers import CONFIGS
 
 BASE = [str(CONFIGS / "seq12.yaml"), str(CONFIGS / "paper" / "validation.yaml")]
@@ -16,7 +16,7 @@ REQUESTS = yaml.safe_load((CONFIGS / "paper" / "validation.yaml").read_text())["
 RETAIN = yaml.safe_load((CONFIGS / "paper" / "validation.yaml").read_text())["trainer"]["evaluation"]["retain_styles"]
 
 
-def _job(tmp_path, rows=None) -> FidelityJob:
+def _job(tmp_path, rows=None) -> StudyJob:
     rows = rows or [
         {"name": "sequential", "items": [1], "overlay": {"model": {"learning_rate": 2e-5}},
          "variants": {"today": {"model": {"method": {"class_path": "cuig_lightning.methods.ConAbl",
@@ -27,7 +27,7 @@ def _job(tmp_path, rows=None) -> FidelityJob:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({"base": BASE, "seed": 0, "output": str(tmp_path / "runs"),
                                     "report": str(tmp_path / "report"), "after": [1, 2], "rows": rows}, sort_keys=False))
-    return FidelityJob(path)
+    return StudyJob(path)
 
 
 def _row(request: int, ra_i: float, targets: str, retain: dict | None = None) -> dict:
@@ -111,7 +111,7 @@ def test_a_bad_job_file_is_refused_in_one_line(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({"base": BASE, "rows": []}))
     with pytest.raises(ValueError, match="lacks output, report"):
-        FidelityJob(path)
+        StudyJob(path)
     with pytest.raises(ValueError, match="row names repeat"):
         _job(tmp_path, rows=[{"name": "a", "variants": {"x": {}}}, {"name": "a", "variants": {"y": {}}}])
     with pytest.raises(ValueError, match="needs a name and variants"):
@@ -119,7 +119,7 @@ def test_a_bad_job_file_is_refused_in_one_line(tmp_path):
 
 
 def test_the_committed_job_parses_and_every_overlay_is_a_config(tmp_path):
-    job = FidelityJob(CONFIGS / "paper" / "fidelity.yaml")
+    job = StudyJob(CONFIGS / "paper" / "fidelity.yaml")
     assert [row["name"] for row in job.rows][:2] == ["sequential", "gradproj"]
     assert all("paper" in row["variants"] for row in job.rows)
     assert sum("today" in row["variants"] for row in job.rows) == len(job.rows) - 1  # all but the names row
@@ -133,7 +133,7 @@ def test_the_committed_report_is_what_its_command_rebuilds(tmp_path, monkeypatch
     """results/fidelity.md is `cuig fidelity --job configs/paper/fidelity.yaml --report_only true` on the committed
     runs' metrics (here written into a temporary folder)."""
     monkeypatch.chdir(CONFIGS.parent)  # the job's paths are relative to the repository
-    job = FidelityJob(CONFIGS / "paper" / "fidelity.yaml")
+    job = StudyJob(CONFIGS / "paper" / "fidelity.yaml")
     job.report = tmp_path
     rebuilt = write_fidelity(job, job.runs()).read_text()
     assert rebuilt == (CONFIGS.parent / "results" / "fidelity.md").read_text()

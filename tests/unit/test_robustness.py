@@ -141,6 +141,23 @@ def test_on_the_base_model_the_attack_finds_what_the_plain_prompt_finds(model, e
         assert held_out_loss(found["embeddings"][1]) < held_out_loss(found["embeddings"][0])
 
 
+def test_smaller_budgets_are_the_shorter_attacks(model, evaluation, base, changed):
+    """ASR within 2 steps of a 4-step attack is what a 2-step attack finds (the same draws, so the same path);
+    the budgets' ASR never falls and ends at the attack's."""
+    pairs = concept_row(evaluation, "Van_Gogh", "style")
+    with unet_weights(model.unet, base):
+        targets = evaluation.generate(model, pairs, latents=True)
+    with unet_weights(model.unet, changed):
+        long = attack_concept(evaluation, model, targets, "Van_Gogh", "style",
+                              Attack(steps=4, restarts=2, learning_rate=0.05, budget_steps=[2, 9]))
+        short = attack_concept(evaluation, model, targets, "Van_Gogh", "style",
+                               Attack(steps=2, restarts=2, learning_rate=0.05))
+    assert list(long["by_steps"]) == [2, 4] and list(short["by_steps"]) == [2]  # 9 > steps: not judged
+    assert long["by_steps"][2] == short["ASR"] and long["by_steps"][4] == long["ASR"]
+    assert long["shares"][0] <= long["by_steps"][2] <= long["by_steps"][4]
+    assert long["losses"][0][:2] == short["losses"][0] and long["losses"][1][:2] == short["losses"][1]
+
+
 def test_the_attack_is_deterministic_for_a_seed(model, evaluation, base, changed):
     pairs = concept_row(evaluation, "Van_Gogh", "style")
     with unet_weights(model.unet, base):
@@ -190,7 +207,9 @@ def test_relearning_fine_tunes_a_copy_deterministically(model, evaluation, base,
     (dict(tokens=0), "attack.tokens must be >= 1"),
     (dict(learning_rate=0.0), "attack.learning_rate must be > 0"),
     (dict(every=0), "attack.every must be >= 1"),
+    (dict(every=[4, -1]), "attack.every must be >= 1, got -1"),
     (dict(paraphrase_template="in the style of {style}"), "needs {object} and {style}"),
+    (dict(budget_steps=[2, -5]), "attack.budget_steps must be >= 0, got -5"),
 ])
 def test_bad_attack_options_are_one_line(options, needle):
     with pytest.raises(ValueError, match=".*") as err:
@@ -209,3 +228,7 @@ def test_bad_relearn_options_and_unknown_concepts_are_one_line():
     assert Attack(concepts=["Picasso"]).targets(["Van_Gogh", "Picasso"]) == ["Picasso"]
     assert Attack(concepts=["Picasso"]).targets(["Van_Gogh"], known=["Van_Gogh", "Picasso"]) == []
     assert [Attack(every=4).due(n, last=n == 6) for n in range(1, 7)] == [False, False, False, True, False, True]
+    assert [Relearn(every=[4, 1]).due(n, last=n == 6) for n in range(1, 7)] == [True, False, False, True, False, True]
+    for every, needle in (([], "attack.every must name at least one request"), ([1, 0], "attack.every must be >= 1")):
+        with pytest.raises(ValueError, match=needle):
+            Attack(every=every)
