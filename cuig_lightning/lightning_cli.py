@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import Logger
 from cuig_lightning.continual import ContinualTrainer
 from cuig_lightning.data.anchors import UnlearningData
 from cuig_lightning.evaluation.protocol import Evaluation
-from cuig_lightning.evaluation.robustness import Attack, Relearn
+from cuig_lightning.evaluation.robustness_options import Attack, Relearn
 from cuig_lightning.config_checks import check_classes, check_instances
 from cuig_lightning.export import evaluate_request, export_request
 from cuig_lightning.methods import Method

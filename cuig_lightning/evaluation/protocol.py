@@ -19,7 +19,7 @@ import torch
 from cuig_lightning.evaluation import unlearncanvas  # noqa: F401  (registers the unlearncanvas classifier kind)
 from cuig_lightning.evaluation.classifiers import Classifiers, load_classifiers
 from cuig_lightning.evaluation.metrics import unlearn_accuracy, unlearncanvas_metrics
-from cuig_lightning.evaluation.robustness import Attack, Relearn
+from cuig_lightning.evaluation.robustness_options import Attack, Relearn
 from cuig_lightning.models.diffusion import SAMPLERS, DiffusionModel, Sampler, sample_cfg, sampling_scheduler
 from cuig_lightning.progress import progress
 from cuig_lightning.requests import NEUTRAL_STYLE, caption

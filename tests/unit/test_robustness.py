@@ -13,9 +13,9 @@ import torch
 from transformers import BertConfig, BertModel, AutoTokenizer
 
 from cuig_lightning.evaluation.protocol import Evaluation
-from cuig_lightning.evaluation.robustness import (Attack, Relearn, SoftPrompt, attack_concept, concept_row,
-                                                  concept_share, denoising_loss, measure_robustness, relearn,
-                                                  unet_weights)
+from cuig_lightning.evaluation.robustness import (SoftPrompt, attack_concept, concept_row, concept_share,
+                                                  denoising_loss, measure_robustness, relearn, unet_weights)
+from cuig_lightning.evaluation.robustness_options import Attack, Relearn
 from cuig_lightning.models.diffusion import DiffusionModel, trainable_names
 from cuig_lightning.requests import caption
 
