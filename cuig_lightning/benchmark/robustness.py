@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cuig_lightning.benchmark.fidelity import StudyJob, run_study
 from cuig_lightning.benchmark.plan import load_rows
+from cuig_lightning.benchmark.report import pearson
 
 COLUMNS = [("UA", "UA"), ("RA_I", "RA-I"), ("RA_C", "RA-C"), ("ASR", "ASR"), ("ASR_paraphrase", "ASR para."),
            ("relearn_UA", "UA relearned"), ("relearn_RA_I", "RA-I relearned")]
@@ -50,41 +51,52 @@ def cells(job: StudyJob, runs: dict) -> dict[tuple[str, str], dict[int, dict]]:
     return out
 
 
+def _fmt(values) -> str:
+    return ", ".join("–" if v is None else f"{v:.0f}" for v in values)
+
+
 def findings(job: StudyJob, found: dict) -> str:
-    """The paragraph under the tables, by fixed rules: per row after the last n, ASR and UA after relearning
-    against UA; whether the row keeping the most RA-I also keeps erasure most robust (lowest ASR at the smallest
-    budget); and, for sequential rows, whether the first target's ASR or relearned UA moves from request 1 to
-    the last (does an early target come back?)."""
+    """The paragraph under the tables, by fixed rules from the numbers: (1) per row, ASR (whole budget and the
+    smallest) and UA / RA-I after relearning along ``after``; (2) over every (row, n) point, Pearson r between
+    retention ((RA-I + RA-C) / 2) and ASR at the smallest budget and at the whole budget (does a model that keeps
+    more also keep erasure less robust?); (3) in rows that keep erasing (the erased set grows along ``after``),
+    how many concepts' ASR and relearned UA at the last n are above / below their value at their first probe
+    (do early targets come back later?)."""
     if not found:
         return "No run has finished yet."
     said = []
-    last = {key: curve[max(curve)] for key, curve in found.items()}
-    for (row, variant), m in last.items():
-        said.append(f"**{row}** after {max(found[(row, variant)])}: UA {m['UA']:.1f}, RA-I {m['RA_I']:.1f}, "
-                    f"ASR {m['ASR']:.1f} (within {min(map(int, m['ASR_by_steps']))} steps "
-                    f"{m['ASR_by_steps'][min(m['ASR_by_steps'], key=int)]:.1f}), paraphrases {m['ASR_paraphrase']:.1f}, "
-                    f"after relearning UA {m['relearn_UA']:.1f} and RA-I {m.get('relearn_RA_I') or float('nan'):.1f}.")
-    budget = min((min(map(int, m["ASR_by_steps"])) for m in last.values()))
-    weakest = {key: m["ASR_by_steps"].get(str(budget)) for key, m in last.items()}
-    keeper = max(last, key=lambda k: last[k]["RA_I"])
-    robust = min((k for k in weakest if weakest[k] is not None), key=lambda k: weakest[k], default=None)
-    if robust is not None:
-        said.append(f"The row keeping the most in-domain retention at the end is {keeper[0]} (RA-I "
-                    f"{last[keeper]['RA_I']:.1f}); the lowest ASR within {budget} attack steps is {robust[0]}'s "
-                    f"({weakest[robust]:.1f}; {keeper[0]}'s {weakest[keeper]:.1f})"
-                    + (": the same row." if robust == keeper else ": not the same row."))
-    for (row, variant), curve in found.items():
-        ns = sorted(curve)
-        if len(ns) < 2 or not curve[ns[0]].get("ASR_per_concept"):
-            continue
-        first = next(iter(curve[ns[0]]["ASR_per_concept"]))
-        if first not in curve[ns[-1]].get("ASR_per_concept", {}):
+    for (row, _), curve in found.items():
+        ns = list(curve)
+        small = min(int(k) for k in curve[ns[0]]["ASR_by_steps"])  # the smallest step budget judged
+        said.append(f"**{row}** (after {', '.join(map(str, ns))}): ASR {_fmt(curve[n]['ASR'] for n in ns)}; within "
+                    f"{small} steps {_fmt(curve[n]['ASR_by_steps'].get(str(small)) for n in ns)}; RA-I "
+                    f"{_fmt(curve[n]['RA_I'] for n in ns)}; after relearning UA {_fmt(curve[n]['relearn_UA'] for n in ns)}"
+                    f" and RA-I {_fmt(curve[n].get('relearn_RA_I') for n in ns)}.")
+    points = [m for curve in found.values() for m in curve.values()]
+    small = min(int(k) for m in points for k in m["ASR_by_steps"])
+    kept = [(m["RA_I"] + m["RA_C"]) / 2 for m in points]
+    r_small = pearson(kept, [m["ASR_by_steps"].get(str(small), m["ASR"]) for m in points])
+    r_whole = pearson(kept, [m["ASR"] for m in points])
+    if r_small == r_small and r_whole == r_whole:  # not NaN
+        said.append(f"Over the {len(points)} (row, request) points, retention ((RA-I + RA-C) / 2) against ASR: "
+                    f"Pearson r = {r_small:.2f} within {small} steps, {r_whole:.2f} with the whole budget "
+                    + ("(a model that keeps more is easier to attack)." if r_small > 0.3 else
+                       "(no clear link)." if r_small >= -0.3 else "(a model that keeps more is harder to attack)."))
+    for (row, _), curve in found.items():
+        ns = list(curve)
+        if len(ns) < 2 or not set(curve[ns[0]]["ASR_per_concept"]) < set(curve[ns[-1]]["ASR_per_concept"]):
             continue  # a simultaneous row: each n is another run from θ0
-        asr = [curve[n]["ASR_per_concept"][first] for n in ns]
-        relearned = [curve[n].get("relearn_UA_per_concept", {}).get(first) for n in ns]
-        said.append(f"{row}: the first target {first}'s ASR after requests {', '.join(map(str, ns))}: "
-                    f"{', '.join(f'{a:.0f}' for a in asr)}; its UA after relearning: "
-                    f"{', '.join('–' if r is None else f'{r:.0f}' for r in relearned)}.")
+        first: dict[str, tuple[float, float]] = {}  # concept -> (ASR, UA after relearning) at its first probe
+        for n in ns[:-1]:
+            for c, asr in curve[n]["ASR_per_concept"].items():
+                first.setdefault(c, (asr, curve[n].get("relearn_UA_per_concept", {}).get(c, 100.0)))
+        last = curve[ns[-1]]
+        up = [c for c in first if last["ASR_per_concept"][c] > first[c][0]]
+        down = [c for c in first if last["ASR_per_concept"][c] < first[c][0]]
+        back = [c for c in first if last.get("relearn_UA_per_concept", {}).get(c, 100.0) < first[c][1]]
+        said.append(f"{row}: of the {len(first)} targets probed before request {ns[-1]}, ASR at {ns[-1]} is higher "
+                    f"than at their first probe for {len(up)} and lower for {len(down)}; UA after relearning fell "
+                    f"for {len(back)}.")
     return " ".join(said)
 
 
