@@ -7,8 +7,8 @@ and ``instrument`` are typed functions (:mod:`cuig_lightning.commands`). ``cuig 
 and further ``--trainer.evaluation.*`` (or other non-identity) options override it.
 
 Failures a user can cause and fix (bad config or requests, foreign or busy run folder, corrupt checkpoint,
-missing model, non-finite loss, full disk) end with one ``cuig: error: ...`` line and exit status 2;
-``CUIG_DEBUG=1`` shows the traceback instead.
+missing model, non-finite loss, full disk, a cluster refusing the benchmark's jobs) end with one
+``cuig: error: ...`` line and exit status 2; ``CUIG_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import yaml
 from jsonargparse import ArgumentError, CLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from cuig_lightning.benchmark.slurm import SlurmError
 from cuig_lightning.checkpoints import CheckpointError
 from cuig_lightning.commands import COMMANDS
 from cuig_lightning.lightning_cli import CuigCLI
@@ -32,7 +33,7 @@ from cuig_lightning.run_folder import RunFolderError, saved_config
 
 # Failures a user can cause and fix; anything else keeps its traceback.
 KNOWN_ERRORS = (RequestError, RunFolderError, CheckpointError, ModelLoadError, NonFiniteLossError, ArgumentError,
-                MisconfigurationException, OSError, ValueError)
+                MisconfigurationException, OSError, ValueError, SlurmError)
 _MAX_MESSAGE = 600
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cuig_lightning.benchmark import Tuning, run_benchmark
 from cuig_lightning.benchmark.evaluation_speed import evaluation_speed
 from cuig_lightning.benchmark.fidelity import run_fidelity
 from cuig_lightning.benchmark.robustness import run_robustness
+from cuig_lightning.benchmark.slurm import Slurm
 from cuig_lightning.canvas_mini import classifiers
 from cuig_lightning.canvas_mini import pretrain as canvas_pretrain
 from cuig_lightning.canvas_mini.instrument import instrument
@@ -35,10 +36,12 @@ def benchmark(
     output: str = "results/runs",
     report: str = "results",
     tuning: Tuning | None = None,
-    jobs: int = 1,
+    jobs: int | None = None,
     report_only: bool = False,
     gradproj_ablation: bool = False,
     curve_seeds: int | None = None,
+    launcher: Literal["local", "slurm"] = "local",
+    slurm: dict[str, Any] | None = None,
 ) -> None:
     """The paper's main table: tuning on a validation split, every row x method x seed (a `cuig fit` each), the report.
 
@@ -56,20 +59,31 @@ def benchmark(
         tuning: the hyperparameter search on a validation split (None: the overlays as they are). Its ``grid``
             maps row -> ``CallbackClass: {init_arg: [values]}`` and/or ``dotted.config.path: [values]`` (a key
             with a dot, e.g. ``model.learning_rate``); see :class:`cuig_lightning.benchmark.Tuning`.
-        jobs: ``cuig fit`` processes at once (1: one after another, in this process).
+        jobs: runs at once: ``cuig fit`` processes here (None or 1: one after another, in this process), or with
+            ``launcher: slurm`` jobs in the queue (None: every run whose needs have finished).
         report_only: rebuild the report from the finished runs without training.
         gradproj_ablation: also run the GradProj ablation ({AdamW, SGD} x C sources, one seed, with the
             key/value drift probe; :mod:`cuig_lightning.benchmark.ablation`) and report it in gradproj_ablation.md.
         curve_seeds: the reported and ablation runs' ``trainer.curve_seeds``: RA-I / RA-C between the first and
             the last request from this many of the evaluation seeds (UA from all); None: all of them.
+        launcher: where the runs go: ``local`` (this machine) or ``slurm`` (one SLURM job per run, through
+            submitit: ``pip install 'cuig[cluster]'``; this command submits each run once the runs it needs have
+            finished and waits for them; stopping it cancels its jobs, and a rerun resumes them).
+        slurm: each job's resources with ``launcher: slurm``, in submitit's names (``timeout_min``,
+            ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``slurm_partition``, ``slurm_account``, ...;
+            default 1 GPU, 240 min); see configs/slurm/benchmark.yaml.
     """
+    if slurm is not None and launcher != "slurm" and not report_only:  # the runs would start on this machine
+        raise ValueError("slurm resources are given but the launcher is local: add --launcher slurm")
     base = [base] if isinstance(base, str) else list(base)
     methods = methods or {"conabl": "configs/canvas_mini", "sculpmem": "configs/canvas_mini_sculpmem"}
     rows = MAIN_TABLE_ROWS if rows is None else rows
+    # the scheduler is asked for (and submitit needed) only when there is something to run
+    cluster = Slurm(slurm, Path(output) / ".submitit", jobs) if launcher == "slurm" and not report_only else None
     try:
-        run_benchmark(base, methods, rows, seeds or [0, 1, 2], output, report, tuning, jobs, report_only,
-                      fit=lambda args: CuigCLI(args=args), simultaneous_n=simultaneous_n,
-                      gradproj_ablation=gradproj_ablation, curve_seeds=curve_seeds)
+        run_benchmark(base, methods, rows, seeds or [0, 1, 2], output, report, tuning, 1 if jobs is None else jobs,
+                      report_only, fit=lambda args: CuigCLI(args=args), simultaneous_n=simultaneous_n,
+                      gradproj_ablation=gradproj_ablation, curve_seeds=curve_seeds, launcher=cluster)
     except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
         print(f"cuig: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

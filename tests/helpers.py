@@ -1,7 +1,7 @@
 """Shared test helpers and fakes (one place; no test file imports another).
 
 * CLI helpers: :func:`run_cli`, :func:`cuig_process`, :func:`tree_digest`, :func:`write_smoke_overlay`,
-  :func:`deltas`, :func:`printed_config`.
+  :func:`write_tiny_benchmark_base`, :func:`deltas`, :func:`printed_config`.
 * :func:`timm_vit_state` / :func:`write_timm_vit`: random tiny ViTs in the layout of UnlearnCanvas' classifiers.
 * Callbacks used by tests through configs (importable as ``tests.helpers`` in subprocesses).
 * ``FakeUnlearning``: a tiny LightningModule that satisfies the regularizers' module contract
@@ -76,6 +76,19 @@ def tiny_evaluation(concepts: int = 3) -> dict:
     return {**evaluation, "seeds": [188], "steps": 2, "batch_size": 256,
             "retain_styles": evaluation["retain_styles"][:concepts],
             "retain_objects": evaluation["retain_objects"][:concepts]}
+
+
+def write_tiny_benchmark_base(path: Path, model_path: Path, cache_dir: Path, requests: int = 3) -> Path:
+    """``configs/seq12.yaml`` as a benchmark's base config for the tiny model: its first ``requests`` requests,
+    2 steps each, the tiny evaluation (:func:`tiny_evaluation`); no run_dir (the benchmark gives each run one)."""
+    config = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())
+    config["trainer"].update(requests=config["trainer"]["requests"][:requests], max_steps=2,
+                             enable_progress_bar=False, accelerator="cpu", evaluation=tiny_evaluation(3))
+    config["model"]["model_path"] = str(model_path)
+    config["data"].update(images_per_prompt=1, batch_size=2, sample_steps=2, cache_dir=str(cache_dir),
+                          prompts=["A Circle image."])
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def write_smoke_overlay(tmp_path: Path, model_path: Path, cache_dir: Path, max_steps: int = 2) -> Path:

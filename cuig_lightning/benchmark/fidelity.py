@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from cuig_lightning.benchmark.execute import execute
+from cuig_lightning.benchmark.execute import execute, local
 from cuig_lightning.benchmark.plan import METRICS, Run, base_value, load_rows
 from cuig_lightning.benchmark.report import pearson
 
@@ -85,7 +85,7 @@ def run_study(job: StudyJob, write: Callable[[StudyJob, dict], Path], jobs: int 
               fit: Callable[[list[str]], object] | None = None) -> Path:
     """Run every unfinished run of the job (``jobs`` at once), then ``write`` the report; returns its path."""
     runs = job.runs()
-    failed = [] if report_only else execute(list(runs.values()), fit, jobs)
+    failed = [] if report_only else execute(list(runs.values()), local(fit, jobs))
     path = write(job, runs)
     if failed:
         raise RuntimeError(f"{len(failed)} {job.kind} run(s) failed; logs: "

@@ -17,7 +17,7 @@ from cuig_lightning.benchmark import (Tuning, apply_updates, candidates, choose,
 from cuig_lightning.benchmark.plan import load_rows
 from cuig_lightning.cli import main as cuig
 from cuig_lightning.run_folder import RunFolderError
-from tests.helpers import CONFIGS, tiny_evaluation, tree_digest
+from tests.helpers import CONFIGS, tree_digest, write_tiny_benchmark_base
 
 REPORTED = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["requests"]
 
@@ -172,15 +172,7 @@ def test_simultaneous_curve_plan_cuts_the_reported_sequence(tmp_path):
 
 
 def _tiny_base(tmp_path: Path, tiny_sd: Path, cache_dir: Path, requests: int = 3) -> Path:
-    base = tmp_path / "base.yaml"
-    config = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())
-    config["trainer"].update(requests=config["trainer"]["requests"][:requests], max_steps=2,
-                             enable_progress_bar=False, accelerator="cpu", evaluation=tiny_evaluation(3))
-    config["model"]["model_path"] = str(tiny_sd)
-    config["data"].update(images_per_prompt=1, batch_size=2, sample_steps=2, cache_dir=str(cache_dir),
-                          prompts=["A Circle image."])
-    base.write_text(yaml.safe_dump(config))
-    return base
+    return write_tiny_benchmark_base(tmp_path / "base.yaml", tiny_sd, cache_dir, requests)
 
 
 def _validation(tmp_path: Path) -> Path:
