@@ -70,8 +70,8 @@ def findings(job: StudyJob, found: dict) -> str:
         small = min(int(k) for k in curve[ns[0]]["ASR_by_steps"])  # the smallest step budget judged
         said.append(f"**{row}** (after {', '.join(map(str, ns))}): ASR {_fmt(curve[n]['ASR'] for n in ns)}; within "
                     f"{small} steps {_fmt(curve[n]['ASR_by_steps'].get(str(small)) for n in ns)}; RA-I "
-                    f"{_fmt(curve[n]['RA_I'] for n in ns)}; after relearning UA {_fmt(curve[n]['relearn_UA'] for n in ns)}"
-                    f" and RA-I {_fmt(curve[n].get('relearn_RA_I') for n in ns)}.")
+                    f"{_fmt(curve[n]['RA_I'] for n in ns)}; after relearning UA "
+                    f"{_fmt(curve[n]['relearn_UA'] for n in ns)} and RA-I {_fmt(curve[n].get('relearn_RA_I') for n in ns)}.")
     points = [m for curve in found.values() for m in curve.values()]
     small = min(int(k) for m in points for k in m["ASR_by_steps"])
     kept = [(m["RA_I"] + m["RA_C"]) / 2 for m in points]
@@ -119,7 +119,8 @@ def write_robustness(job: StudyJob, runs: dict) -> Path:
         for n, m in curve.items():
             by_steps = [m["ASR_by_steps"].get(str(k)) for k in budgets[:-1]]
             values = [m.get(key) for key, _ in COLUMNS[:4]] + by_steps + [m.get(key) for key, _ in COLUMNS[4:]]
-            lines.append(f"| {row} | {variant} | {n} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in values) + " |")
+            shown = ["–" if v is None else f"{v:.1f}" for v in values]
+            lines.append(f"| {row} | {variant} | {n} | " + " | ".join(shown) + " |")
     concepts = [r["target"] for r in job.requests]
     lines += ["", "## Per erased concept: ASR / UA after relearning", "",
               "| row | after | " + " | ".join(concepts) + " |", "|" + "---|" * (len(concepts) + 2)]

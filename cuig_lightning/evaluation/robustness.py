@@ -259,7 +259,8 @@ def measure_robustness(evaluation: Evaluation, model: DiffusionModel, weights: d
     its current ``weights`` (also in its UNet) after a request that leaves ``erased`` (of ``domain``) erased;
     ``base``: θ0's trainable tensors. Returns metrics keys: ``ASR``, ``ASR_per_concept``, ``ASR_by_steps`` (the
     mean over the attacked concepts per step budget, keys the budgets as text), ``ASR_paraphrase``,
-    ``ASR_paraphrase_per_concept``, ``relearn_UA``, ``relearn_UA_per_concept``, ``relearn_RA_I`` and ``robustness`` (the options and seconds), or {}.
+    ``ASR_paraphrase_per_concept``, ``relearn_UA``, ``relearn_UA_per_concept``, ``relearn_RA_I`` and
+    ``robustness`` (the options and seconds), or {}.
     ``cache`` keeps θ0's latents across calls (the same pairs sample the same images)."""
 
     def base_latents(pairs: list[tuple[str, str]]) -> torch.Tensor:
@@ -279,11 +280,13 @@ def measure_robustness(evaluation: Evaluation, model: DiffusionModel, weights: d
             found = attack_concept(evaluation, model, targets, concept, domain, attack)
             asr[concept], by_steps[concept] = found["ASR"], found["by_steps"]
             paraphrase[concept] = paraphrase_shares(evaluation, model, concept, domain, attack.paraphrase_template)
-        metrics.update(ASR=round(sum(asr.values()) / len(asr), 3), ASR_per_concept={c: round(v, 3) for c, v in asr.items()},
+        metrics.update(ASR=round(sum(asr.values()) / len(asr), 3),
+                       ASR_per_concept={c: round(v, 3) for c, v in asr.items()},
                        ASR_by_steps={str(k): round(sum(b[k] for b in by_steps.values()) / len(by_steps), 3)
                                      for k in attack.budgets()},
                        ASR_paraphrase=round(sum(max(p.values()) for p in paraphrase.values()) / len(paraphrase), 3),
-                       ASR_paraphrase_per_concept={c: {k: round(v, 3) for k, v in p.items()} for c, p in paraphrase.items()})
+                       ASR_paraphrase_per_concept={c: {k: round(v, 3) for k, v in p.items()}
+                                                   for c, p in paraphrase.items()})
         record["attack"] = {**attack.settings(), "seconds": round(time.perf_counter() - t0, 2)}
     if probe is not None and due(probe):
         t0 = time.perf_counter()

@@ -81,7 +81,8 @@ class Attack(_Probe):
         known = erased if known is None else known
         unknown = [c for c in self.concepts or [] if c not in known]
         if unknown:
-            raise ValueError(f"attack.concepts: {', '.join(unknown)} not erased here (erased: {', '.join(known) or 'none'})")
+            raise ValueError(f"attack.concepts: {', '.join(unknown)} not erased here "
+                             f"(erased: {', '.join(known) or 'none'})")
         return [c for c in erased if self.concepts is None or c in self.concepts]
 
 

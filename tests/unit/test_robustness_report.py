@@ -68,7 +68,8 @@ def test_the_tables_and_findings_come_from_the_runs(tmp_path):
     assert "gradproj: of the 1 targets probed before request 2, ASR at 2 is higher than at their first probe " \
            "for 0 and lower for 1; UA after relearning fell for 0." in text
     report = write_robustness(job, runs).read_text()
-    assert "| row | variant | after | UA | RA-I | RA-C | ASR | ASR ≤2 steps | ASR ≤5 steps | ASR para. | UA relearned | RA-I relearned |" in report
+    assert ("| row | variant | after | UA | RA-I | RA-C | ASR | ASR ≤2 steps | ASR ≤5 steps | ASR para. | UA relearned "
+            "| RA-I relearned |") in report
     assert "| sequential | conabl | 2 | 100.0 | 20.0 | 90.0 | 75.0 | 5.0 | 10.0 | 0.0 | 87.5 | 99.0 |" in report
     assert f"| gradproj | 2 | 0 / 100 | 50 / 100 |" in report
     saved = json.loads((tmp_path / "report" / "robustness.json").read_text())
