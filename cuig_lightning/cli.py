@@ -25,7 +25,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from cuig_lightning.benchmark.slurm import SlurmError
 from cuig_lightning.checkpoints import CheckpointError
 from cuig_lightning.commands import COMMANDS
-from cuig_lightning.lightning_cli import CuigCLI
+from cuig_lightning.lightning_cli import run_cuig_cli
 from cuig_lightning.models.diffusion import ModelLoadError
 from cuig_lightning.module import NonFiniteLossError
 from cuig_lightning.requests import RequestError
@@ -123,7 +123,7 @@ def main(args: list[str] | None = None) -> None:
             else:
                 cli_args = from_run_folder(argv, scratch)
                 # LightningCLI reads sys.argv itself unless the command line was given or rewritten
-                CuigCLI(args=None if args is None and cli_args is argv else cli_args, commands=COMMANDS)
+                run_cuig_cli(args=None if args is None and cli_args is argv else cli_args, commands=COMMANDS)
     except KNOWN_ERRORS as err:
         if os.environ.get("CUIG_DEBUG"):
             raise

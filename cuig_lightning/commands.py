@@ -1,8 +1,8 @@
 """The ``cuig`` commands that are not Trainer stages, as typed functions (their docstrings are the help):
-``benchmark``, ``fidelity``, ``robustness``, ``pretrain``, ``evaluate-base``, ``train-classifier``, ``instrument``, ``speed``
-and ``evaluation-speed``. Thin wrappers: the
+``benchmark``, ``fidelity``, ``robustness``, ``pretrain``, ``evaluate-base``, ``train-classifier``, ``instrument``, ``speed``,
+``smoke`` and ``evaluation-speed``. Thin wrappers: the
 work is done by :mod:`cuig_lightning.benchmark`, the :mod:`cuig_lightning.canvas_mini` package (``pretrain`` and
-``instrument`` are its functions as they are) and :mod:`cuig_lightning.speed` (``speed`` as it is).
+``instrument`` are its functions as they are) and :mod:`cuig_lightning.speed` / :mod:`cuig_lightning.smoke` (``speed`` and ``smoke`` as they are).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from cuig_lightning.benchmark.slurm import Slurm
 from cuig_lightning.canvas_mini import classifiers
 from cuig_lightning.canvas_mini import pretrain as canvas_pretrain
 from cuig_lightning.canvas_mini.instrument import instrument
-from cuig_lightning.lightning_cli import CuigCLI
+from cuig_lightning.lightning_cli import run_cuig_cli
+from cuig_lightning.smoke import smoke
 from cuig_lightning.speed import speed
 
 MAIN_TABLE_ROWS = ["sequential", "simultaneous", "l1", "l2", "selft", "merge", "gradproj", "gradproj_topk",
@@ -82,7 +83,7 @@ def benchmark(
     cluster = Slurm(slurm, Path(output) / ".submitit", jobs) if launcher == "slurm" and not report_only else None
     try:
         run_benchmark(base, methods, rows, seeds or [0, 1, 2], output, report, tuning, 1 if jobs is None else jobs,
-                      report_only, fit=lambda args: CuigCLI(args=args), simultaneous_n=simultaneous_n,
+                      report_only, fit=lambda args: run_cuig_cli(args=args), simultaneous_n=simultaneous_n,
                       gradproj_ablation=gradproj_ablation, curve_seeds=curve_seeds, launcher=cluster)
     except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
         print(f"cuig: error: {err}", file=sys.stderr)
@@ -99,7 +100,7 @@ def fidelity(job: Path = Path("configs/paper/fidelity.yaml"), jobs: int = 1, rep
         report_only: rebuild ``fidelity.md`` from the finished runs without training.
     """
     try:
-        path = run_fidelity(job, jobs, report_only, fit=lambda args: CuigCLI(args=args))
+        path = run_fidelity(job, jobs, report_only, fit=lambda args: run_cuig_cli(args=args))
     except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
         print(f"cuig: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -116,7 +117,7 @@ def robustness(job: Path = Path("configs/paper/robustness.yaml"), jobs: int = 1,
         report_only: rebuild ``robustness.md`` from the finished runs without training.
     """
     try:
-        path = run_robustness(job, jobs, report_only, fit=lambda args: CuigCLI(args=args))
+        path = run_robustness(job, jobs, report_only, fit=lambda args: run_cuig_cli(args=args))
     except RuntimeError as err:  # failed runs: the report of the finished ones is written; say which failed
         print(f"cuig: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -157,4 +158,4 @@ def train_classifier(kind: Literal["style", "object", "both"] = "both", steps: i
 
 COMMANDS = {"benchmark": benchmark, "pretrain": canvas_pretrain.pretrain, "evaluate-base": evaluate_base,
             "train-classifier": train_classifier, "instrument": instrument, "speed": speed,
-            "evaluation-speed": evaluation_speed, "fidelity": fidelity, "robustness": robustness}
+            "evaluation-speed": evaluation_speed, "fidelity": fidelity, "robustness": robustness, "smoke": smoke}

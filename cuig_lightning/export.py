@@ -138,17 +138,27 @@ class CanvasMiniPipeline(DiffusionPipeline):
 
 def save_pipeline(model: DiffusionModel, out: Path, name: str | None = None) -> None:
     """Save as a loadable diffusers pipeline with the folder's original scheduler class (``name``: the
-    folder's final name, when ``out`` is a temporary folder that is renamed afterwards)."""
+    folder's final name, when ``out`` is a temporary folder that is renamed afterwards). Every part is saved in
+    the UNet's dtype: a run with ``frozen_dtype: bfloat16`` holds its text encoder and VAE in bf16, and a pipeline
+    loaded with parts of two dtypes cannot generate (their bf16-rounded weights are what the run used)."""
     parts = dict(unet=model.unet, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                  scheduler=model.original_scheduler())
-    if model.vae is not None:
-        from diffusers import StableDiffusionPipeline
+    frozen = [part for part in (model.text_encoder, model.vae) if part is not None]
+    dtypes = [part.dtype for part in frozen]
+    try:
+        for part in frozen:
+            part.to(model.unet.dtype)
+        if model.vae is not None:
+            from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline(vae=model.vae, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False, **parts)
-    else:
-        pipe = CanvasMiniPipeline(**parts)
-    pipe.save_pretrained(out)
+            pipe = StableDiffusionPipeline(vae=model.vae, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False, **parts)
+        else:
+            pipe = CanvasMiniPipeline(**parts)
+        pipe.save_pretrained(out)
+    finally:
+        for part, dtype in zip(frozen, dtypes):
+            part.to(dtype)
     if model.vae is None:  # plain diffusers loads it with custom_pipeline (the source of this class)
         (out / PIPELINE_FILE).write_text(PIPELINE_SOURCE)
     # the model folder's scheduler config as it was (a class's from_config drops the keys it does not know)

@@ -31,6 +31,9 @@ Measured, one function each:
 
 The issue's targets (H100/H200, SD-1.5 size) are judged only where they can be: elsewhere they read n/a.
 
+The report is rewritten after every measured row (marked partial until the last), so a run stopped by a time limit
+keeps what it measured; a measurement that runs out of GPU memory is a row that says so, and the run goes on.
+
 This module runs them (:func:`run_speed`, the ``cuig speed`` command); the settings, variants, model and data are in
 :mod:`cuig_lightning.speed_setup`, the measurements in :mod:`cuig_lightning.speed_measure`, the targets and the report
 in :mod:`cuig_lightning.speed_report` (their public names are importable from here too).
@@ -38,12 +41,14 @@ in :mod:`cuig_lightning.speed_report` (their public names are importable from he
 
 from __future__ import annotations
 
+import copy
 import gc
 import resource
 import tempfile
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -64,8 +69,9 @@ __all__ = ["PEAK_BF16_FLOPS", "TARGET_BATCH", "TARGET_MFU", "TARGET_OVERHEAD", "
            "timed", "write_model", "write_report"]
 
 
-def run_speed(settings: SpeedSettings) -> dict:
-    """Every measurement of ``settings``; the result as written to ``speed.json`` (None = n/a)."""
+def run_speed(settings: SpeedSettings, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Every measurement of ``settings``; the result as written to ``speed.json`` (None = n/a). ``on_row`` gets the
+    result so far (finished as :func:`finish` does, marked partial) after every measured row."""
     device = settings.torch_device
     device_name, peak = peak_bf16_flops(device)
     result = {"meta": {"device_name": device_name, "peak_bf16_flops": peak, "reference": settings.reference.name,
@@ -73,6 +79,13 @@ def run_speed(settings: SpeedSettings) -> dict:
                        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                        "settings": asdict(settings)},
               "train": [], "regularizers": [], "sampling": [], "peer": None}
+
+    def measured() -> None:
+        if on_row is not None:
+            partial = copy.deepcopy(result)
+            partial["meta"]["partial"] = True
+            on_row(finish(partial, settings))
+
     variants = [VARIANTS[n] for n in settings.variants]
     with tempfile.TemporaryDirectory(prefix="cuig-speed-") as scratch, quiet():
         scratch = Path(scratch)
@@ -93,22 +106,31 @@ def run_speed(settings: SpeedSettings) -> dict:
                 for variant in variants:
                     row = measure_step(module, data, stage, settings, variant, group, batch, flops_1, peak)
                     result["train"].append(row)
-                    if settings.regularizers and variant == settings.reference:
+                    measured()
+                    if settings.regularizers and variant == settings.reference and row["step_ms"] is not None:
                         result["regularizers"] += measure_regularizers(module, data, stage, settings, group, batch,
                                                                        row["step_ms"])
+                        measured()
             if gi == 0:  # sampling does not depend on the trainable group
                 module.load_trainable(module.base_weights)
+                if settings.peer:  # first: every sampling row's ratio needs it
+                    result["peer"] = measure_peer(module, settings)
+                    measured()
                 for variant in variants:
                     for batch in settings.sample_batch_sizes:
                         result["sampling"].append(measure_sampling(module, settings, variant, batch))
-                if settings.peer:
-                    result["peer"] = measure_peer(module, settings)
+                        measured()
             del module, data
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    return finish(result, settings)
+
+
+def finish(result: dict, settings: SpeedSettings) -> dict:
+    """The process's peak RSS (CPU runs) and the targets, added to ``result``."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    result["meta"]["peak_rss_gib"] = rss if device.type != "cuda" else None
+    result["meta"]["peak_rss_gib"] = rss if settings.torch_device.type != "cuda" else None
     add_targets(result, settings)
     return result
 
@@ -173,7 +195,8 @@ def speed(
         model_path=model_path,
     )
     check(settings)
-    result = run_speed(settings)
+    # the report so far after every row: a run stopped early (a time limit) leaves what it measured
+    result = run_speed(settings, on_row=lambda partial: write_report(partial, Path(output)))
     print(write_report(result, Path(output)), end="")
     say(f"wrote {Path(output) / 'speed.md'} and {Path(output) / 'speed.json'}")
 

@@ -158,13 +158,28 @@ def measure_step(module, data, stage, settings: SpeedSettings, variant: Variant,
                  flops_1: int, peak_flops: float | None) -> dict:
     """The ConAbl training step of one (variant, group, batch) in a real Trainer fit."""
     say(f"training step: {variant.name}, {group}, batch {batch}")
-    timer, memory = fit(module, data, stage, settings, variant, batch, [])
+    row = {"variant": variant.name, "group": group, "batch": batch}
+    try:
+        timer, memory = fit(module, data, stage, settings, variant, batch, [])
+    except torch.OutOfMemoryError:
+        timer = None  # released after the handler: its traceback holds the step's tensors
+    if timer is None:
+        return out_of_memory(module, row, "step_ms", "loop_ms", "images_per_s", "flops_per_step", "mfu",
+                             "peak_memory_gib")
     step_s = statistics.median(timer.step_s)
     flops = flops_1 * batch
     mfu = flops / step_s / peak_flops if peak_flops else None
     loop_ms = 1e3 * statistics.median(timer.loop_s) if timer.loop_s else None
-    return {"variant": variant.name, "group": group, "batch": batch, "step_ms": 1e3 * step_s, "loop_ms": loop_ms,
-            "images_per_s": batch / step_s, "flops_per_step": flops, "mfu": mfu, "peak_memory_gib": memory}
+    return {**row, "step_ms": 1e3 * step_s, "loop_ms": loop_ms, "images_per_s": batch / step_s, "flops_per_step": flops,
+            "mfu": mfu, "peak_memory_gib": memory}
+
+
+def out_of_memory(module: UnlearningModule, row: dict, *keys: str) -> dict:
+    """The row of a measurement that ran out of GPU memory (its numbers None, ``error`` says so); the memory is
+    released so that the next (smaller) measurement can run."""
+    say(f"out of memory: {row}")
+    release_memory(module)
+    return {**row, **dict.fromkeys(keys), "error": "out of memory"}
 
 
 def measure_regularizers(module, data, stage, settings: SpeedSettings, group: str, batch: int,
@@ -174,10 +189,17 @@ def measure_regularizers(module, data, stage, settings: SpeedSettings, group: st
     callbacks = {"GradientProjection": GradientProjection(k=5), "L2": NormRegularizer(p=2, weight=25000.0)}
     for name, callback in callbacks.items():
         say(f"regularizer overhead: {name}, {group}, batch {batch}")
-        timer, _ = fit(module, data, stage, settings, settings.reference, batch, [callback])
+        row = {"variant": settings.reference.name, "group": group, "batch": batch, "regularizer": name,
+               "plain_ms": plain_ms}
+        try:
+            timer, _ = fit(module, data, stage, settings, settings.reference, batch, [callback])
+        except torch.OutOfMemoryError:
+            timer = None
+        if timer is None:
+            rows.append(out_of_memory(module, row, "with_ms", "overhead_pct"))
+            continue
         with_ms = 1e3 * statistics.median(timer.step_s)
-        rows.append({"variant": settings.reference.name, "group": group, "batch": batch, "regularizer": name,
-                     "plain_ms": plain_ms, "with_ms": with_ms, "overhead_pct": 100.0 * (with_ms / plain_ms - 1.0)})
+        rows.append({**row, "with_ms": with_ms, "overhead_pct": 100.0 * (with_ms / plain_ms - 1.0)})
     return rows
 
 
@@ -196,10 +218,16 @@ def measure_sampling(module, settings: SpeedSettings, variant: Variant, batch: i
                             guidance=settings.guidance, batch_size=batch, save_samples=False, bf16=variant.bf16)
     pairs = prompt_pairs(batch)
     peak_memory_start(device)
-    with applied(module, variant):
-        seconds = timed(lambda: evaluation.generate(module.diffusion, pairs), settings.warmup, settings.repeats, device)
-    return {"sampler": "cuig", "variant": variant.name, "batch": batch, "call_s": seconds,
-            "images_per_s": batch / seconds, "peak_memory_gib": peak_memory_gib(device)}
+    row = {"sampler": "cuig", "variant": variant.name, "batch": batch}
+    try:
+        with applied(module, variant):
+            seconds = timed(lambda: evaluation.generate(module.diffusion, pairs), settings.warmup, settings.repeats,
+                            device)
+    except torch.OutOfMemoryError:
+        seconds = None
+    if seconds is None:
+        return out_of_memory(module, row, "call_s", "images_per_s", "peak_memory_gib")
+    return {**row, "call_s": seconds, "images_per_s": batch / seconds, "peak_memory_gib": peak_memory_gib(device)}
 
 
 def measure_peer(module, settings: SpeedSettings) -> dict:

@@ -68,7 +68,7 @@ def add_targets(result: dict, settings: SpeedSettings) -> None:
     peer = result["peer"]
     top_sample = max(settings.sample_batch_sizes)
     for row in result["sampling"]:
-        row["vs_peer"] = row["images_per_s"] / peer["images_per_s"] if peer else None
+        row["vs_peer"] = row["images_per_s"] / peer["images_per_s"] if peer and row["images_per_s"] else None
         applies = row["variant"] == settings.reference.name and row["batch"] == top_sample
         row["target"] = judge(row["vs_peer"], lambda v: v >= TARGET_PEER_RATIO, applies, gpu_sd15 and peer is not None)
 
@@ -107,21 +107,25 @@ def render(result: dict) -> str:
            f"(reference; each row names its variant) · torch {v['torch']} · diffusers {v['diffusers']} · "
            f"lightning {v['lightning']} · {meta['date']}",
            "",
+           *(["**Partial: the run stopped (or is still running) before every row below was measured.**", ""]
+             if meta.get("partial") else []),
            f"## ConAbl training step (Trainer fit, median of {s['steps']} steps after {s['warmup']})",
            "",
            markdown_table(
                ["variant", "group", "batch", "step ms", "images/s", "FLOP/step", "MFU", "peak mem",
                 f"target MFU>={TARGET_MFU:.0%} (bf16, batch {TARGET_BATCH})"],
-               [[r["variant"], r["group"], str(r["batch"]), num(r["step_ms"]), num(r["images_per_s"]),
+               [[r["variant"], r["group"], str(r["batch"]), r.get("error") or num(r["step_ms"]), num(r["images_per_s"]),
                  si(r["flops_per_step"]), "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}", gib(r["peak_memory_gib"]),
                  r["target"]] for r in result["train"]])]
     if result["regularizers"]:
         out += ["", f"## Regularizer overhead ({meta['reference']})", "",
                 markdown_table(["group", "batch", "regularizer", "plain ms", "with ms", "overhead",
                                 f"target <={TARGET_OVERHEAD:g}%"],
-                               [[r["group"], str(r["batch"]), r["regularizer"], num(r["plain_ms"]), num(r["with_ms"]),
-                                 f"{r['overhead_pct']:+.1f}%", r["target"]] for r in result["regularizers"]])]
-    rows = [[r["sampler"], r["variant"], str(r["batch"]), num(r["call_s"]), num(r["images_per_s"]),
+                               [[r["group"], str(r["batch"]), r["regularizer"], num(r["plain_ms"]),
+                                 r.get("error") or num(r["with_ms"]),
+                                 "n/a" if r["overhead_pct"] is None else f"{r['overhead_pct']:+.1f}%", r["target"]]
+                                for r in result["regularizers"]])]
+    rows = [[r["sampler"], r["variant"], str(r["batch"]), r.get("error") or num(r["call_s"]), num(r["images_per_s"]),
              "n/a" if r["vs_peer"] is None else f"{r['vs_peer']:.2f}x", gib(r["peak_memory_gib"]), r["target"]]
             for r in result["sampling"]]
     if result["peer"]:

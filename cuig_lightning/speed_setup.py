@@ -14,7 +14,7 @@ from typing import Iterator, Literal
 import torch
 
 from cuig_lightning.data.anchors import PairedPrompts, StageTensors, UnlearningData
-from cuig_lightning.models.tiny_sd import build_tiny_sd
+from cuig_lightning.models.tiny_sd import build_tiny_sd, clip_bpe_tokenizer, read_bpe_merges
 from cuig_lightning.module import UnlearningModule
 from cuig_lightning.requests import Request, Stage
 
@@ -92,15 +92,24 @@ class SpeedSettings:
         return torch.device(self.device)
 
 
-def write_model(size: str, folder: Path, seed: int) -> Path:
-    """A diffusers folder of random parts: ``build_tiny_sd`` (its tokenizer serves both sizes), with the UNet,
-    text encoder, VAE and scheduler replaced by SD-1.5's for ``sd15``."""
+def write_model(size: str, folder: Path, seed: int, bpe_file: Path | None = None) -> Path:
+    """A diffusers folder of random parts: ``build_tiny_sd`` (its character-level tokenizer serves both sizes), with
+    the UNet, text encoder, VAE and scheduler replaced by SD-1.5's for ``sd15``; with ``bpe_file`` (OpenAI's CLIP
+    merges, :func:`~cuig_lightning.models.tiny_sd.find_bpe_file`) the tokenizer is SD's real BPE one (``sd15``)."""
     build_tiny_sd(folder, seed=seed)
     if size == "sd15":
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        tiny_text = json.loads((folder / "text_encoder" / "config.json").read_text())
+        if bpe_file is not None:
+            tokenizer = clip_bpe_tokenizer(read_bpe_merges(bpe_file))
+            shutil.rmtree(folder / "tokenizer")
+            tokenizer.save_pretrained(folder / "tokenizer")
+            special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                       "pad_token_id": tokenizer.pad_token_id}
+        else:  # the char-level tokenizer's special tokens
+            tiny_text = json.loads((folder / "text_encoder" / "config.json").read_text())
+            special = {k: tiny_text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         torch.manual_seed(seed)
         parts = {
             "scheduler": DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -114,9 +123,7 @@ def write_model(size: str, folder: Path, seed: int) -> Path:
             "text_encoder": CLIPTextModel(CLIPTextConfig(
                 vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-                # the char-level tokenizer's special tokens
-                bos_token_id=tiny_text["bos_token_id"], eos_token_id=tiny_text["eos_token_id"],
-                pad_token_id=tiny_text["pad_token_id"],
+                **special,
             )),
             "vae": AutoencoderKL(
                 in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,

@@ -2,7 +2,8 @@
 
 * CLI helpers: :func:`run_cli`, :func:`cuig_process`, :func:`tree_digest`, :func:`write_smoke_overlay`,
   :func:`write_tiny_benchmark_base`, :func:`deltas`, :func:`printed_config`.
-* :func:`timm_vit_state` / :func:`write_timm_vit`: random tiny ViTs in the layout of UnlearnCanvas' classifiers.
+* :func:`timm_vit_state` / :func:`write_timm_vit`: random tiny ViTs in the layout of UnlearnCanvas' classifiers
+  (the package's, :mod:`cuig_lightning.evaluation.unlearncanvas`, re-exported).
 * Callbacks used by tests through configs (importable as ``tests.helpers`` in subprocesses).
 * ``FakeUnlearning``: a tiny LightningModule that satisfies the regularizers' module contract
   (:class:`callbacks.contract.RegularizedModule`) with two cross-attention blocks whose names mimic the
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from cuig_lightning.checkpoints import save_tensors
+from cuig_lightning.evaluation.unlearncanvas import timm_vit_state, write_timm_vit  # noqa: F401 (tests import them here)
 from cuig_lightning.requests import Request, Stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,38 +154,6 @@ class PoisonWeights(L.Callback):
         if pl_module.stage.index == self.stage and trainer.global_step == self.step:
             with torch.no_grad():
                 next(iter(pl_module.trainable.values())).fill_(float("nan"))
-
-
-def timm_vit_state(num_classes: int, width: int = 64, depth: int = 1, patch: int = 4, image_size: int = 16,
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights of a timm VisionTransformer (class token, pre-norm blocks, MLP ratio 4) under timm's names."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, around: float = 0.0) -> torch.Tensor:
-        return around + 0.2 * torch.randn(*shape, generator=g)
-
-    state = {"cls_token": rand(1, 1, width), "pos_embed": rand(1, (image_size // patch) ** 2 + 1, width),
-             "patch_embed.proj.weight": rand(width, 3, patch, patch), "patch_embed.proj.bias": rand(width)}
-    for i in range(depth):
-        for name, shape in (("norm1", (width,)), ("attn.qkv", (3 * width, width)), ("attn.proj", (width, width)),
-                            ("norm2", (width,)), ("mlp.fc1", (4 * width, width)), ("mlp.fc2", (width, 4 * width))):
-            state[f"blocks.{i}.{name}.weight"] = rand(*shape, around=1.0 if name.startswith("norm") else 0.0)
-            state[f"blocks.{i}.{name}.bias"] = rand(shape[0])
-    state.update({"norm.weight": rand(width, around=1.0), "norm.bias": rand(width),
-                  "head.weight": rand(num_classes, width), "head.bias": rand(num_classes)})
-    return state
-
-
-def write_timm_vit(path: Path, num_classes: int, **shape) -> Path:
-    """A tiny ViT classifier file as UnlearnCanvas stores its classifiers (``model_state_dict`` in a torch
-    pickle), or flat in a ``.safetensors`` file."""
-    state = timm_vit_state(num_classes, **shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
-        save_tensors(state, path)
-    else:
-        torch.save({"model_state_dict": state, "epoch": 9}, path)
-    return path
 
 
 # -------------------------------------------------------------------------------------- fakes

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from cuig_lightning.checkpoints import save_tensors
 from cuig_lightning.evaluation.classifiers import register_classifiers
 
 #: The style classifier's classes in head order (UnlearnCanvas ``theme_available``).
@@ -52,6 +53,9 @@ OBJECTS: list[str] = [
     "Human", "Jellyfish", "Rabbits", "Sandwiches", "Sea", "Statues", "Towers", "Trees", "Waterfalls",
 ]  # fmt: skip
 assert len(STYLES) == 51 and len(OBJECTS) == 20
+
+#: The shape of UnlearnCanvas' classifiers (timm ``vit_large_patch16_224``), as :func:`timm_vit_state` takes it.
+VIT_L16 = {"width": 1024, "depth": 24, "patch": 16, "image_size": 224}
 
 #: timm's names inside a block -> nn.TransformerEncoderLayer's (norm1 / norm2 are the same).
 _BLOCK_RENAMES = {"attn.qkv.": "self_attn.in_proj_", "attn.proj.": "self_attn.out_proj.", "mlp.fc1.": "linear1.",
@@ -137,6 +141,41 @@ def read_timm_state(path: Path, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         raise ValueError(f"{where} {path} holds no state dict (expected tensors under 'model_state_dict')")
     return checkpoint
+
+
+def timm_vit_state(num_classes: int, width: int = 64, depth: int = 1, patch: int = 4, image_size: int = 16,
+                   seed: int = 0, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """Random weights of a timm VisionTransformer (class token, pre-norm blocks, MLP ratio 4) under timm's names:
+    ``scale`` times a standard normal (around 1 for LayerNorm weights). Tests use tiny ones; ``**VIT_L16`` with
+    ``scale=0.02`` (timm's init) is UnlearnCanvas' size."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, around: float = 0.0) -> torch.Tensor:
+        return around + scale * torch.randn(*shape, generator=g)
+
+    state = {"cls_token": rand(1, 1, width), "pos_embed": rand(1, (image_size // patch) ** 2 + 1, width),
+             "patch_embed.proj.weight": rand(width, 3, patch, patch), "patch_embed.proj.bias": rand(width)}
+    for i in range(depth):
+        for name, shape in (("norm1", (width,)), ("attn.qkv", (3 * width, width)), ("attn.proj", (width, width)),
+                            ("norm2", (width,)), ("mlp.fc1", (4 * width, width)), ("mlp.fc2", (width, 4 * width))):
+            state[f"blocks.{i}.{name}.weight"] = rand(*shape, around=1.0 if name.startswith("norm") else 0.0)
+            state[f"blocks.{i}.{name}.bias"] = rand(shape[0])
+    state.update({"norm.weight": rand(width, around=1.0), "norm.bias": rand(width),
+                  "head.weight": rand(num_classes, width), "head.bias": rand(num_classes)})
+    return state
+
+
+def write_timm_vit(path: str | Path, num_classes: int, **shape) -> Path:
+    """A random ViT classifier file (:func:`timm_vit_state` with ``shape``) as UnlearnCanvas stores its classifiers
+    (``model_state_dict`` in a torch pickle), or flat in a ``.safetensors`` file."""
+    path = Path(path)
+    state = timm_vit_state(num_classes, **shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_tensors(state, path)
+    else:
+        torch.save({"model_state_dict": state, "epoch": 9}, path)
+    return path
 
 
 def load_classifier(path: str | Path, classes: list[str], domain: str) -> ViTClassifier:

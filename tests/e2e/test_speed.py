@@ -128,3 +128,54 @@ def test_quick_sd15_config_parses(capsys):
     assert run_cli("speed", "--config", str(CONFIGS / "speed" / "sd15_quick.yaml"), "--print_config") == 0
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["size"] == "sd15" and config["variants"] == ["fp32", "bf16"] and 32 in config["batch_sizes"]
+
+
+def test_out_of_memory_rows_and_a_partial_report_render():
+    """A row that ran out of GPU memory reads "out of memory" (its numbers n/a, no ratio, no verdict); a report written
+    before every row was measured says it is partial."""
+    from cuig_lightning.speed import render
+
+    settings = SpeedSettings(size="sd15", device="cpu", groups=["full"], batch_sizes=[8, 32], sample_batch_sizes=[32],
+                             variants=["bf16"], warmup=1, steps=1, repeats=1, sampler="ddim", sample_steps=2,
+                             guidance=7.5, regularizers=True, peer=True, seed=0, model_path=None)
+    oom = dict.fromkeys(["step_ms", "loop_ms", "images_per_s", "flops_per_step", "mfu", "peak_memory_gib"])
+    result = {"meta": {"device_name": "GPU", "peak_bf16_flops": None, "reference": "bf16", "date": "today",
+                       "versions": {"torch": "t", "diffusers": "d", "lightning": "l"}, "settings": vars(settings),
+                       "peak_rss_gib": None, "partial": True},
+              "train": [{"variant": "bf16", "group": "full", "batch": 8, "step_ms": 100.0, "loop_ms": 101.0,
+                         "images_per_s": 80.0, "flops_per_step": 1e12, "mfu": None, "peak_memory_gib": 30.0},
+                        {"variant": "bf16", "group": "full", "batch": 32, **oom, "error": "out of memory"}],
+              "regularizers": [{"variant": "bf16", "group": "full", "batch": 8, "regularizer": "L2", "plain_ms": 100.0,
+                                "with_ms": None, "overhead_pct": None, "error": "out of memory"}],
+              "sampling": [{"sampler": "cuig", "variant": "bf16", "batch": 32, "call_s": None, "images_per_s": None,
+                            "peak_memory_gib": None, "error": "out of memory"}],
+              "peer": {"sampler": "diffusers StableDiffusionPipeline", "variant": "bf16", "batch": 1, "call_s": 1.0,
+                       "images_per_s": 1.0, "peak_memory_gib": 3.0}}
+    add_targets(result, settings)
+    text = render(result)
+    assert text.count("out of memory") == 3 and "**Partial:" in text
+    assert result["sampling"][0]["vs_peer"] is None and result["sampling"][0]["target"] == "n/a"
+    assert "| bf16    | full  | 32    | out of memory | n/a" in text
+
+
+def test_a_measurement_that_runs_out_of_memory_is_a_row_and_the_run_goes_on(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from cuig_lightning import speed_measure
+    from cuig_lightning.speed_setup import VARIANTS
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(speed_measure, "fit", out_of_memory)
+    module = SimpleNamespace(trainable={"w": torch.nn.Parameter(torch.ones(2))})
+    row = speed_measure.measure_step(module, None, None, None, VARIANTS["bf16"], "full", 32, 10, None)
+    assert row == {"variant": "bf16", "group": "full", "batch": 32, "step_ms": None, "loop_ms": None,
+                   "images_per_s": None, "flops_per_step": None, "mfu": None, "peak_memory_gib": None,
+                   "error": "out of memory"}
+    settings = SimpleNamespace(reference=VARIANTS["bf16"])
+    rows = speed_measure.measure_regularizers(module, None, None, settings, "full", 8, 100.0)
+    assert [(r["regularizer"], r["error"], r["overhead_pct"]) for r in rows] == [
+        ("GradientProjection", "out of memory", None), ("L2", "out of memory", None)]

@@ -120,6 +120,22 @@ def test_card_metadata_names_every_erased_concept_in_order():
     assert metadata["base_model"] == "canvas-mini"
 
 
+
+def test_an_export_of_bf16_frozen_parts_is_one_dtype_and_generates(tiny_sd, tmp_path):
+    """frozen_dtype bfloat16 keeps the text encoder and VAE in bf16: the export stores every part in the UNet's
+    dtype (a pipeline of fp32 UNet and bf16 text encoder fails at its first step), the model keeps its dtypes."""
+    from diffusers import StableDiffusionPipeline
+
+    model = DiffusionModel.from_pretrained(tiny_sd)
+    model.text_encoder.to(torch.bfloat16)
+    model.vae.to(torch.bfloat16)
+    save_pipeline(model, tmp_path / "export")
+    assert model.text_encoder.dtype == model.vae.dtype == torch.bfloat16
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "export", local_files_only=True)
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.float32}
+    image = pipe(PROMPT, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+
 LOAD = textwrap.dedent("""
     import sys
     for name in ("cuig_lightning", "callbacks", "tests"):
