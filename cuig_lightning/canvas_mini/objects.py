@@ -294,17 +294,7 @@ def contact_sheet(
     s_idx = np.array([world.STYLE_CLASSES.index(s) for s in styles])
     rows, cols = len(OBJECTS), len(styles)
     imgs = draw_objects(np.tile(s_idx, rows), np.repeat(np.arange(rows), cols), seed)
-    t = world.SIZE * scale
-    sheet = np.full((rows * (t + gap) + gap, cols * (t + gap) + gap, 3), 255, dtype=np.uint8)
-    for i in range(rows):
-        for j in range(cols):
-            tile = imgs[i * cols + j].repeat(scale, 0).repeat(scale, 1)
-            sheet[gap + i * (t + gap) : gap + i * (t + gap) + t, gap + j * (t + gap) : gap + j * (t + gap) + t] = tile
-    if path is not None:
-        import matplotlib.image
-
-        matplotlib.image.imsave(str(path), sheet)
-    return sheet
+    return world.tile_sheet(imgs, rows, cols, path, scale, gap)
 
 
 def main(argv: list[str] | None = None) -> None:

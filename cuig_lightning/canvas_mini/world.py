@@ -297,8 +297,14 @@ def from_tensor(images: torch.Tensor) -> np.ndarray:
 def contact_sheet(path: str | Path | None = None, seed: int = 0, scale: int = 2, gap: int = 2) -> np.ndarray:
     """One row per style class (neutral last), one column per object, tiles upscaled ``scale`` x; optional PNG."""
     imgs, _, _ = make_dataset(1, seed)
+    return tile_sheet(imgs, len(STYLE_CLASSES), len(OBJECTS), path, scale, gap)
+
+
+def tile_sheet(imgs: np.ndarray, rows: int, cols: int, path: str | Path | None = None, scale: int = 2,
+               gap: int = 2) -> np.ndarray:
+    """``rows`` x ``cols`` images (row-major, uint8 ``(N, SIZE, SIZE, 3)``) as one white-gapped sheet, tiles
+    upscaled ``scale`` x; written as a PNG when ``path`` is given."""
     t = SIZE * scale
-    rows, cols = len(STYLE_CLASSES), len(OBJECTS)
     sheet = np.full((rows * (t + gap) + gap, cols * (t + gap) + gap, 3), 255, dtype=np.uint8)
     for i in range(rows):
         for j in range(cols):
