@@ -45,7 +45,7 @@ PIPELINE_SOURCE = '''"""A cuig export's text-to-image pipeline for a pixel-space
 
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=f"{FOLDER}/pipeline.py", trust_remote_code=True)
-    image = pipe("A Circle image in Monet style.", generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe("A Cats image in Monet style.", generator=torch.Generator().manual_seed(0)).images[0]
 
 Written by cuig's export (cuig_lightning.export.PIPELINE_SOURCE); it needs torch, diffusers and transformers only.
 The prompts are encoded as in training (a causal attention mask for a bidirectional text encoder such as BERT: a
@@ -253,7 +253,7 @@ def export_request(model, run_dir: Path, config: dict, request: int | None, outp
                   f"from diffusers import DiffusionPipeline\n"
                   f"pipe = DiffusionPipeline.from_pretrained({str(output.name)!r}, "
                   f"custom_pipeline={str(output.name + '/' + PIPELINE_FILE)!r}, trust_remote_code=True)")
-    loader += '\nimage = pipe("A Circle image in Monet style.").images[0]'
+    loader += '\nimage = pipe("A Cats image in Monet style.").images[0]'
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:

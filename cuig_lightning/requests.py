@@ -48,7 +48,7 @@ DEFAULT_STYLE_TEMPLATES = ["{prompt} in {style} style."]
 
 
 def caption(style: str | None, obj: str) -> str:
-    """UnlearnCanvas prompt ``"A Circle image in Van Gogh style."``; no style (``None`` or ``Neutral``): ``"A Circle image."``."""
+    """UnlearnCanvas prompt ``"A Cats image in Van Gogh style."``; no style (``None`` or ``Neutral``): ``"A Cats image."``."""
     if style is None or style == NEUTRAL_STYLE:
         return f"A {concept_text(obj)} image."
     return f"A {concept_text(obj)} image in {concept_text(style)} style."

@@ -1,5 +1,5 @@
-"""Measurements behind docs/canvas_mini_objects.md (not part of the package): a 20-way object classifier on the new
-silhouettes over the style backgrounds, and the Mantel tests of shape vs meaning.
+"""Measurements behind docs/canvas_mini_objects.md (not part of the package): the 25-way object classifier (20 objects
+and 5 category looks, over the style backgrounds) and the Mantel tests of the objects' shape vs meaning.
 
     OMP_NUM_THREADS=1 python docs/canvas_mini_objects_measure.py [--steps 600] [--out /tmp/objects_measure.json]
 """
@@ -17,40 +17,15 @@ from torchmetrics.functional import spearman_corrcoef
 
 from cuig_lightning.canvas_mini import objects as ob
 from cuig_lightning.canvas_mini import world
-from cuig_lightning.canvas_mini.classifiers import (EVAL_NOISE, EVAL_SEED, ConceptClassifier, _gaussian_blur, augment,
-                                                    predict)
+from cuig_lightning.canvas_mini.classifiers import EVAL_NOISE, EVAL_SEED, _gaussian_blur, predict, train_classifier
 from cuig_lightning.canvas_mini.instrument_measures import _image_statistics, mantel_p
-
-
-def train(steps: int, seed: int = 0, batch_size: int = 128, lr: float = 3e-3, width: int = 24):
-    """classifiers.train_classifier's recipe (AdamW, one-cycle, label smoothing 0.05, fresh augmented batches,
-    1/49 neutral), on :func:`objects.sample_objects` (train_classifier draws world.py's objects only)."""
-    torch.manual_seed(seed)
-    model = ConceptClassifier(len(ob.OBJECTS), width=width, classes=ob.OBJECTS)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1,
-                                                anneal_strategy="cos")
-    rng, gen = np.random.default_rng([seed, 1]), torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(steps):
-        images, _, o_idx = ob.sample_objects(batch_size, rng, neutral_share=1 / len(world.STYLE_CLASSES))
-        logits = model(augment(world.to_tensor(images), gen))
-        loss = F.cross_entropy(logits, torch.from_numpy(o_idx), label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.3f}", flush=True)
-    return model.eval(), time.perf_counter() - t0
 
 
 def held_out(model, n_per_pair: int = 3):
     """Every (style class, object) pair n_per_pair times from EVAL_SEED: clean, noise 0.1, blur 0.7."""
-    s = np.repeat(np.arange(len(world.STYLE_CLASSES)), len(ob.OBJECTS) * n_per_pair)
-    o = np.tile(np.repeat(np.arange(len(ob.OBJECTS)), n_per_pair), len(world.STYLE_CLASSES))
-    x = world.to_tensor(ob.draw_objects(s, o, EVAL_SEED))
+    s = np.repeat(np.arange(len(world.STYLE_CLASSES)), len(ob.GLYPHS) * n_per_pair)
+    o = np.tile(np.repeat(np.arange(len(ob.GLYPHS)), n_per_pair), len(world.STYLE_CLASSES))
+    x = world.to_tensor(world.draw_batch(s, o, EVAL_SEED))
     y = torch.from_numpy(o)
     gen = torch.Generator().manual_seed(EVAL_SEED)
     variants = {"clean": x, "noise": (x + EVAL_NOISE * torch.randn(x.shape, generator=gen)).clamp(-1, 1),
@@ -60,22 +35,23 @@ def held_out(model, n_per_pair: int = 3):
         pred = predict(model, xv)
         out[f"acc_{name}"] = round((pred == y).float().mean().item() * 100, 2)
         if name == "clean":
-            conf = np.zeros((20, 20), int)
+            n = len(ob.GLYPHS)
+            conf = np.zeros((n, n), int)
             np.add.at(conf, (o, pred.numpy()), 1)
-            off = [(int(conf[i, j]), ob.OBJECTS[i], ob.OBJECTS[j])
-                   for i in range(20) for j in range(20) if i != j and conf[i, j]]
+            off = [(int(conf[i, j]), ob.GLYPHS[i], ob.GLYPHS[j])
+                   for i in range(n) for j in range(n) if i != j and conf[i, j]]
             out["confusions"] = sorted(off, reverse=True)[:8]
-            out["per_object"] = {ob.OBJECTS[i]: round(conf[i, i] / conf[i].sum() * 100, 1) for i in range(20)}
+            out["per_glyph"] = {ob.GLYPHS[i]: round(conf[i, i] / conf[i].sum() * 100, 1) for i in range(n)}
     return out
 
 
 def meaning(cosine: np.ndarray, model=None, n: int = 100):
     """Spearman (190 pairs) of text cosine vs visual similarity + one-sided Mantel p (999 relabellings)."""
     iu = np.triu_indices(20, 1)
-    params = ob.shape_matrix()
+    params = ob.shape_matrix(names=ob.OBJECTS)  # the objects' glyphs (the categories' are measured apart)
     # neutral drawings (flat grey, dark object): the image statistics then see the shape, not the style colours
     o = np.repeat(np.arange(20), n)
-    imgs = ob.draw_objects(np.full(len(o), world.NEUTRAL_INDEX), o, 12345)
+    imgs = world.draw_batch(np.full(len(o), world.NEUTRAL_INDEX), o, 12345)
     ink = 1 - imgs.astype(np.float32).mean(-1) / 128  # ~1 on the object, 0 on grey
     mean_img = np.stack([ink[o == i].mean(0).ravel() for i in range(20)])
     stats = np.stack([_image_statistics(imgs[o == i]) for i in range(20)])
@@ -96,7 +72,7 @@ def meaning(cosine: np.ndarray, model=None, n: int = 100):
     if model is not None:
         s = np.random.default_rng(7).integers(0, len(world.STYLES), len(o))
         with torch.no_grad():
-            feats = model.features(world.to_tensor(ob.draw_objects(s, o, 777))).mean(dim=(2, 3))
+            feats = model.features(world.to_tensor(world.draw_batch(s, o, 777))).mean(dim=(2, 3))
         means = torch.stack([feats[torch.from_numpy(o == i)].mean(0) for i in range(20)])
         means = F.normalize(means - means.mean(0), dim=-1)
         sims["classifier_features"] = (means @ means.T).numpy()
@@ -125,7 +101,7 @@ def meaning(cosine: np.ndarray, model=None, n: int = 100):
 
 
 def labelled_sheet(path: str) -> None:
-    """objects.contact_sheet with the objects' names (and categories) written beside the rows."""
+    """objects.contact_sheet with the glyphs' names (and the objects' categories) written beside the rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,8 +111,9 @@ def labelled_sheet(path: str) -> None:
     sheet = ob.contact_sheet(styles=styles)
     fig, ax = plt.subplots(figsize=(sheet.shape[1] / 100 + 1.6, sheet.shape[0] / 100), dpi=100)
     ax.imshow(sheet)
-    step = sheet.shape[0] / len(ob.OBJECTS)
-    ax.set_yticks([(i + 0.5) * step for i in range(len(ob.OBJECTS))], [f"{o} ({ob.CATEGORY[o]})" for o in ob.OBJECTS])
+    step = sheet.shape[0] / len(ob.GLYPHS)
+    labels = [f"{o} ({ob.CATEGORY[o]})" if o in ob.CATEGORY else f"{o} (category)" for o in ob.GLYPHS]
+    ax.set_yticks([(i + 0.5) * step for i in range(len(ob.GLYPHS))], labels)
     step = sheet.shape[1] / len(styles)
     ax.set_xticks([(i + 0.5) * step for i in range(len(styles))], styles, rotation=45, ha="right")
     ax.tick_params(length=0, labelsize=8)
@@ -153,13 +130,13 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    cosine = ob.object_text_cosine()
+    cosine = ob.object_text_cosine(ob.OBJECTS)
     result = {}
     model = None
     if not args.no_train:
-        model, seconds = train(args.steps)
-        result["classifier"] = {"steps": args.steps, "batch_size": 128, "train_seconds": round(seconds, 1),
-                                **held_out(model)}
+        model, report = train_classifier("object", steps=args.steps, half=False, progress=False)
+        result["classifier"] = {"steps": args.steps, "batch_size": 128, "train_seconds": report["seconds"],
+                                **held_out(model.eval())}
         print(json.dumps(result["classifier"]), flush=True)
     result["meaning"] = meaning(cosine, model)
     labelled_sheet(args.sheet)

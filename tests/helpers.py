@@ -59,7 +59,7 @@ def write_tiny_job(path: Path, model_path: Path, cache_dir: Path, run_dir: Path,
         config["trainer"]["evaluation"] = None
     config["model"]["model_path"] = str(model_path)
     config["data"].update(images_per_prompt=1, batch_size=2, sample_steps=2, cache_dir=str(cache_dir),
-                          prompts=["A Circle image."])
+                          prompts=["A Cats image."])
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -88,21 +88,23 @@ def write_tiny_benchmark_base(path: Path, model_path: Path, cache_dir: Path, req
                              enable_progress_bar=False, accelerator="cpu", evaluation=tiny_evaluation(3))
     config["model"]["model_path"] = str(model_path)
     config["data"].update(images_per_prompt=1, batch_size=2, sample_steps=2, cache_dir=str(cache_dir),
-                          prompts=["A Circle image."])
+                          prompts=["A Cats image."])
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def write_smoke_overlay(tmp_path: Path, model_path: Path, cache_dir: Path, max_steps: int = 2) -> Path:
-    """A config overlay that shrinks a shipped job to two tiny requests on ``model_path``, without evaluation."""
+def write_smoke_overlay(tmp_path: Path, model_path: Path, cache_dir: Path, max_steps: int = 2,
+                        job: str = "seq12.yaml") -> Path:
+    """A config overlay that shrinks a shipped job (``job`` under configs/) to its first two requests, tiny, on
+    ``model_path``, without evaluation."""
     smoke = tmp_path / "smoke.yaml"
     smoke.write_text(yaml.safe_dump({
         "trainer": {"run_dir": str(tmp_path / "run"), "max_steps": max_steps, "evaluation": None, "until_ua": None,
                     "enable_progress_bar": False, "accelerator": "cpu",
-                    "requests": yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["trainer"]["requests"][:2]},
+                    "requests": yaml.safe_load((CONFIGS / job).read_text())["trainer"]["requests"][:2]},
         "model": {"model_path": str(model_path)},
         "data": {"images_per_prompt": 1, "batch_size": 2, "sample_steps": 2, "cache_dir": str(cache_dir),
-                 "prompts": ["A Circle image."]},
+                 "prompts": ["A Cats image."]},
     }))
     return smoke
 

@@ -2,7 +2,9 @@
 
 Both take float images ``N x 3 x 32 x 32`` in ``[-1, 1]`` (what the diffusion model samples;
 uint8 ``N x 32 x 32 x 3`` arrays are converted by :func:`predict`) and return logits over
-``world.STYLE_CLASSES`` (the 48 styles and the neutral look) or ``world.OBJECTS``.
+``world.STYLE_CLASSES`` (the 48 styles and the neutral look) or ``world.GLYPHS`` (the 20 objects and the 5
+categories' looks: an object erased towards its category is then judged as that category, as an erased style is
+judged neutral).
 
 They are trained on freshly drawn images (a new batch every step, so no epoch and no
 overfitting) with augmentation that imitates a small diffusion model's samples: gaussian noise,
@@ -47,7 +49,7 @@ def class_names(kind: Kind) -> list[str]:
     if kind == "style":
         return list(world.STYLE_CLASSES)
     if kind == "object":
-        return list(world.OBJECTS)
+        return list(world.GLYPHS)  # the 20 objects and the 5 categories' own looks (ConAbl's object anchors)
     raise ValueError(f"kind must be 'style' or 'object', got {kind!r}")
 
 
@@ -161,8 +163,8 @@ def predict(model: nn.Module, images: torch.Tensor | np.ndarray, batch_size: int
 def held_out_accuracy(
     model: nn.Module, kind: Kind, n_per_class: int = 10, seed: int = EVAL_SEED, noise_std: float = 0.0, blur_sigma: float = 0.0
 ) -> float:
-    """Accuracy on ``n_per_class`` fresh drawings of every (style, object) pair, optionally noised/blurred."""
-    images, style_idx, object_idx = world.make_dataset(n_per_class, seed)
+    """Accuracy on ``n_per_class`` fresh drawings of every (style class, glyph) pair, optionally noised/blurred."""
+    images, style_idx, object_idx = world.make_dataset(n_per_class, seed, objects=world.GLYPHS)
     x = world.to_tensor(images)
     gen = torch.Generator().manual_seed(seed)
     if blur_sigma > 0:
@@ -292,7 +294,8 @@ def train_classifier(
     bar = tqdm(range(steps), desc=f"train {kind} classifier", disable=not progress, dynamic_ncols=True)
     ema = None
     for step in bar:
-        images, s_idx, o_idx = world.sample_batch(batch_size, rng, neutral_share=1 / len(world.STYLE_CLASSES))
+        images, s_idx, o_idx = world.sample_batch(batch_size, rng, neutral_share=1 / len(world.STYLE_CLASSES),
+                                                  category_share=len(world.CATEGORIES) / len(world.GLYPHS))
         x = augment(world.to_tensor(images), gen)
         y = torch.from_numpy(s_idx if kind == "style" else o_idx)
         logits = model(x)
@@ -319,7 +322,7 @@ def train_classifier(
         save_classifier(model, out_dir, kind, info=report, half=half)
         judged = load_classifier(kind, out_dir)
     report["held_out"] = {
-        "n_images": eval_per_class * len(world.STYLE_CLASSES) * len(world.OBJECTS),
+        "n_images": eval_per_class * len(world.STYLE_CLASSES) * len(world.GLYPHS),
         "seed": EVAL_SEED,
         "acc_clean": held_out_accuracy(judged, kind, eval_per_class),
         "acc_noise": held_out_accuracy(judged, kind, eval_per_class, noise_std=EVAL_NOISE),

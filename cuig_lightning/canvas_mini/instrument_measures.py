@@ -1,6 +1,8 @@
 """The instrument's measurements beside the jobs (:mod:`cuig_lightning.canvas_mini.instrument` runs the jobs and
 gathers them): whether a style's look follows its name's meaning (with a Mantel test), the base model over the
-full grid, and two finer measures of request 1's damage, the style probability and the key/value drift."""
+full grid, the summaries of a domain's runs (sequential curves, similarity after request 1, for styles and for
+objects alike; GradProj against sequential), and two finer measures of request 1's damage to the styles, the
+style probability and the key/value drift (style-only: they need a style to prompt)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
-from cuig_lightning.canvas_mini import world
+from cuig_lightning.canvas_mini import looks, objects, world
 from cuig_lightning.canvas_mini.classifiers import EVAL_SEED, load_classifier
 from cuig_lightning.checkpoints import DELTA
 
@@ -148,11 +150,13 @@ def key_value_drift(run_dirs: list[Path], target: str, retain: list[str], model:
     for run_dir in run_dirs:
         trained = load_file(str(next((run_dir / "requests").glob("01-*")) / DELTA))
         layers = [k for k in trained if ".attn2.to_k." in k or ".attn2.to_v." in k]
-        per_run.append(torch.stack([drift_ratios(trained[k].float(), start[k].float(), states) for k in layers]).mean(0))
+        per_run.append(torch.stack([drift_ratios(trained[k].float(), start[k].float(), states)
+                                    for k in layers]).mean(0))
     drift = torch.stack(per_run).mean(0).double()
     unit = torch.nn.functional.normalize(states.double(), dim=-1)
     cos = unit[1:] @ unit[0]
-    return {"target": round(float(drift[0]), 4), "retained": {r: round(float(d), 4) for r, d in zip(retain, drift[1:])},
+    return {"target": round(float(drift[0]), 4),
+            "retained": {r: round(float(d), 4) for r, d in zip(retain, drift[1:])},
             "pearson_r": round(float(pearson_corrcoef(cos, drift[1:])), 3) if drift[1:].std() > 0 else None,
             "runs": len(run_dirs)}  # fmt: skip
 
@@ -168,7 +172,67 @@ def _base_check(path: Path, seeds: list[int], steps: int, guidance: float, model
         res = evaluation.base_accuracy(DiffusionModel.from_pretrained(model))
         base = {k: round(res[k], 2) for k in ("style_accuracy", "object_accuracy", "neutral_accuracy")}
         base.update(n_images=res["n_images"], seeds=list(seeds), steps=steps, guidance=guidance,
-                    seconds=round(time.perf_counter() - t0, 1), per_style=res["per_style"], per_object=res["per_object"])
+                    seconds=round(time.perf_counter() - t0, 1), per_style=res["per_style"],
+                    per_object=res["per_object"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(base, indent=2) + "\n")
     return json.loads(path.read_text())
+
+
+def sequential_summary(fits: dict[int, tuple[list[dict], float]]) -> dict:
+    """Per seed (``{seed: (metric rows, wall minutes)}``): the UA / RA-I / RA-C curves, the first request with
+    RA-I < 50 (None: none) and the wall time."""
+    return {
+        str(s): {"RA_I": [r["RA_I"] for r in rows], "UA": [r["UA"] for r in rows], "RA_C": [r["RA_C"] for r in rows],
+                 "first_below_50": next((r["request"] for r in rows if r["RA_I"] < 50), None),
+                 "wall_minutes": round(wall, 1)}
+        for s, (rows, wall) in fits.items()
+    }  # fmt: skip
+
+
+def text_cosine_to(target: str, names: list[str], domain: str, cosine: np.ndarray | None = None) -> torch.Tensor:
+    """Each of ``names``' text cosine to ``target`` (float64), from the cosine matrix of the domain's concepts as
+    the UNet sees them: :func:`looks.style_text_cosine` (rows in :data:`world.STYLES` order) for ``style``,
+    :func:`objects.object_text_cosine` (:data:`world.OBJECTS`) for ``object``; ``cosine``: that matrix, when
+    already at hand."""
+    order = {"style": world.STYLES, "object": world.OBJECTS}[domain]
+    if cosine is None:
+        cosine = looks.style_text_cosine() if domain == "style" else objects.object_text_cosine()
+    index = {n: i for i, n in enumerate(order)}
+    return torch.tensor([cosine[index[target], index[n]] for n in names], dtype=torch.float64)
+
+
+def similarity_after_request_1(first_rows: list[dict], target: str, retain: list[str], domain: str,
+                               cosine: np.ndarray | None = None) -> dict:
+    """Whether request 1's damage follows text similarity: Pearson r between each retained concept's text cosine
+    to the target and its accuracy after request 1 (``first_rows``: each run's first metrics row, whose
+    ``per_concept["retain"]`` holds the in-domain retained concepts' accuracies), of the mean over the runs and
+    per run (None where every retained concept kept the same accuracy). ``domain`` and ``cosine``: as
+    :func:`text_cosine_to`'s."""
+    cos = text_cosine_to(target, retain, domain, cosine)
+    acc = torch.tensor([[row["per_concept"]["retain"][r] for r in retain] for row in first_rows], dtype=torch.float64)
+
+    def r(a: torch.Tensor) -> float | None:
+        return round(float(pearson_corrcoef(cos, a)), 3) if a.std() > 0 else None
+
+    mean_acc = acc.mean(0)
+    return {"target": target, "domain": domain, "pearson_r": r(mean_acc), "per_seed_r": [r(a) for a in acc],
+            "retained": {n: {"cosine": round(float(c), 3), "accuracy": round(float(a), 1)}
+                         for n, c, a in zip(retain, cos, mean_acc)}}  # fmt: skip
+
+
+def compare_gradproj(gradproj: list[dict], sequential: list[dict], ua_margin: float = 5.0) -> dict:
+    """GradProj against sequential unlearning (same job, seed and learning rate): both runs' UA / RA-I / RA-C per
+    request, and the verdict at the last request both have (``request``; their numbers there in ``compared``):
+    GradProj keeps more RA-I while its UA stays within ``ua_margin`` of sequential's (matched forgetting:
+    retention bought with less forgetting does not count). ``holds`` is None when the runs share no request."""
+    keys = ("UA", "RA_I", "RA_C")
+    curves = {"gradproj": {k: [r[k] for r in gradproj] for k in keys},
+              "sequential": {k: [r[k] for r in sequential] for k in keys}}  # fmt: skip
+    n = min(len(gradproj), len(sequential))
+    if not n:
+        return {**curves, "request": None, "ua_margin": ua_margin, "holds": None}
+    g, s = gradproj[n - 1], sequential[n - 1]
+    return {**curves, "request": g.get("request", n), "ua_margin": ua_margin,
+            "compared": {"gradproj": {k: g[k] for k in keys}, "sequential": {k: s[k] for k in keys}},
+            "holds": bool(g["RA_I"] > s["RA_I"] and g["UA"] >= s["UA"] - ua_margin)}

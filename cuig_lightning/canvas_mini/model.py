@@ -80,8 +80,9 @@ def load_text_model(device: str | torch.device = "cpu") -> DiffusionModel:
 
 
 def all_captions() -> list[str]:
-    """Every training caption: style classes (styles, then neutral) x objects, index ``s * len(OBJECTS) + o``."""
-    return [caption(s, o) for s in world.STYLE_CLASSES for o in world.OBJECTS]
+    """Every training caption: style classes (styles, then neutral) x glyphs (objects, then categories), index
+    ``s * len(GLYPHS) + g``."""
+    return [caption(s, g) for s in world.STYLE_CLASSES for g in world.GLYPHS]
 
 
 def _text_side_key() -> str:

@@ -25,9 +25,9 @@ nearly as distinct (99.4%) but far less linear in pixels: mean drawings followed
 (Mantel p 0.09) against 0.40 here, because limbs gate their angle and length and a hole or a lobe count moves
 little ink.
 
-:func:`shape_mask` draws a batch (one parameter row per image) with world.py's ``_shape_mask`` convention and
-applies the per-image deformation from a generator; :func:`draw_objects` composes the glyphs over world.py's
-style backgrounds as world.py draws its own objects.
+:func:`shape_mask` draws a batch of glyphs (one parameter row per image) in object coordinates and applies the
+per-image deformation from a generator; :mod:`cuig_lightning.canvas_mini.world` composes them over the style
+backgrounds (``world.draw_batch``), and the captions name an object or its category (:data:`CATEGORIES`).
 
     python -m cuig_lightning.canvas_mini.objects            # rewrite shapes.json (deterministic; not a user command)
     python -m cuig_lightning.canvas_mini.objects --sheet docs/canvas_mini_objects.png   # contact sheet
@@ -42,8 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cuig_lightning.canvas_mini import world
-from cuig_lightning.canvas_mini.looks import classical_mds
 
 #: The 20 UnlearnCanvas objects, in the order of UnlearnCanvas' object classifier head (alphabetical).
 OBJECTS: list[str] = [
@@ -68,6 +66,10 @@ CATEGORIES: dict[str, list[str]] = {
 }
 #: ``{object: category}``.
 CATEGORY: dict[str, str] = {o: c for c, members in CATEGORIES.items() for o in members}
+#: Everything a caption can name, each with its own glyph: the objects, then the categories. A category has a look
+#: of its own (as the style-less caption has the neutral look), not one of its members: with members, "A Food
+#: image." would draw Sandwiches, its only member, and ConAbl could never erase Sandwiches towards Food.
+GLYPHS: list[str] = OBJECTS + list(CATEGORIES)
 
 #: Harmonics of the outline; parameter ``h{k}`` (in [0, 1], 0.5 = none of it) is harmonic k's coefficient.
 HARMONICS = tuple(range(1, 11))
@@ -78,7 +80,7 @@ P = len(SHAPE_KEYS)
 AMPLITUDE = 0.5
 
 #: Where the shape table lives (written by :func:`main`, committed).
-SHAPES_PATH = world.LOOKS_PATH.parent / "shapes.json"
+SHAPES_PATH = Path(__file__).resolve().parent.parent / "assets" / "canvas_mini" / "shapes.json"
 #: Share of each shape coordinate that comes from meaning (MDS); the rest is a per-object random draw. Higher
 #: than the looks' 0.75: 20 objects give 190 pairs (48 styles 1,128), so the Mantel test has less power; at 0.85
 #: the closest objects still differ by more than a per-image deformation (the classifier tells all 20 apart).
@@ -92,14 +94,14 @@ CANDIDATES = 64
 #: wobble (sin of 2 and 3 theta, in log-radius), std of the log anisotropic stretch. Small next to the
 #: smallest gap between two objects' parameters (about 0.9 in [0, 1]^10).
 JITTER, WOBBLE, STRETCH = 0.03, 0.05, 0.06
-#: Object radius in pixels (world.py's shapes: 8.5 .. 10.5), position jitter in pixels, rotation jitter in
+#: Object radius in pixels, position jitter in pixels, rotation jitter in
 #: degrees (small: up and down are part of a glyph's identity, k = 1 and 3 say which end is heavy or pointed).
 RADIUS, SHIFT, ROTATION = (8.0, 9.5), 2.0, 10.0
 #: Every glyph has this ink area (object units^2: a disc of radius 0.8, about 13 px across), unless a point would
 #: then pass MAX_EXTENT (1.3 x 9.5 px + 2 px of shift stays inside the 32-px canvas).
 AREA, MAX_EXTENT = np.pi * 0.8**2, 1.3
 
-assert len(set(OBJECTS)) == 20 and set(CATEGORY) == set(OBJECTS)
+assert len(set(OBJECTS)) == 20 and set(CATEGORY) == set(OBJECTS) and len(set(GLYPHS)) == 25
 
 _DECAY = 1.0 / np.sqrt(np.array(HARMONICS, dtype=np.float64))
 _ANGLES = np.linspace(-np.pi, np.pi, 720, endpoint=False, dtype=np.float32)  # for each glyph's area and extent
@@ -110,8 +112,8 @@ _ANGLES = np.linspace(-np.pi, np.pi, 720, endpoint=False, dtype=np.float32)  # f
 # --------------------------------------------------------------------------------------------
 
 
-def object_text_cosine(names: list[str] = OBJECTS) -> np.ndarray:
-    """Cosine matrix of the objects' in-prompt token states ("A Cats image."), as the UNet sees them."""
+def object_text_cosine(names: list[str] = GLYPHS) -> np.ndarray:
+    """Cosine matrix of the names' in-prompt token states ("A Cats image."), as the UNet sees them."""
     from cuig_lightning.canvas_mini.model import load_text_model
 
     emb = load_text_model().concept_embeddings(list(names), "object").double()
@@ -122,6 +124,8 @@ def object_text_cosine(names: list[str] = OBJECTS) -> np.ndarray:
 def oriented_mds(cosine: np.ndarray, dims: int) -> np.ndarray:
     """Classical MDS (looks.py's), each axis standardised and its sign fixed (largest-magnitude entry positive):
     an eigenvector's sign is arbitrary, and a LAPACK update must not turn every glyph upside down."""
+    from cuig_lightning.canvas_mini.looks import classical_mds  # looks imports world, which imports this module
+
     coords = classical_mds(cosine, dims)
     coords = (coords - coords.mean(0)) / coords.std(0)
     return coords * np.sign(coords[np.abs(coords).argmax(0), np.arange(dims)])
@@ -137,7 +141,7 @@ def outline_distance(params: np.ndarray) -> np.ndarray:
 def derive_shapes(
     cosine: np.ndarray, meaning: float = MEANING, seed: int = SEED, candidates: int = CANDIDATES
 ) -> dict[str, dict[str, float]]:
-    """``{object: {shape key: value in [0, 1]}}`` from the objects' text cosine matrix (rows in :data:`OBJECTS` order).
+    """``{glyph: {shape key: value in [0, 1]}}`` from the glyphs' text cosine matrix (rows in :data:`GLYPHS` order).
 
     Parameter j = normal CDF of ``meaning * MDS_j + sqrt(1 - meaning^2) * noise_j`` (MDS axes standardised, as
     looks.py). Of ``candidates`` noise draws (seeds ``seed, seed + 1, ...``) the one whose two closest outlines
@@ -154,19 +158,19 @@ def derive_shapes(
         gap = outline_distance(values)[iu].min()
         if gap > best_gap:
             best, best_gap = values, gap
-    return {o: {k: float(v) for k, v in zip(SHAPE_KEYS, row)} for o, row in zip(OBJECTS, best)}
+    return {o: {k: float(v) for k, v in zip(SHAPE_KEYS, row)} for o, row in zip(GLYPHS, best)}
 
 
 def load_shapes(path: Path = SHAPES_PATH) -> dict[str, dict[str, float]]:
     """``{object: {key: value in [0, 1]}}`` from the committed shape table."""
     table = json.loads(Path(path).read_text())["objects"]
-    missing = [o for o in OBJECTS if o not in table]
+    missing = [o for o in GLYPHS if o not in table]
     if missing:
         raise ValueError(f"{path} has no shape for {missing}; rerun `python -m cuig_lightning.canvas_mini.objects`")
     return table
 
 
-def shape_matrix(table: dict[str, dict[str, float]] | None = None, names: list[str] = OBJECTS) -> np.ndarray:
+def shape_matrix(table: dict[str, dict[str, float]] | None = None, names: list[str] = GLYPHS) -> np.ndarray:
     """``(len(names), P)`` parameters in :data:`SHAPE_KEYS` order (default: the committed table)."""
     table = load_shapes() if table is None else table
     return np.array([[table[o][k] for k in SHAPE_KEYS] for o in names], dtype=np.float64)
@@ -225,75 +229,16 @@ def shape_mask(
     return rho <= scale * np.exp(_log_radius(coeff, wobble, cos, sin))
 
 
-def draw_objects(
-    style_idx: np.ndarray | list[int],
-    object_idx: np.ndarray | list[int],
-    rng: np.random.Generator | int | None,
-    table: dict[str, dict[str, float]] | None = None,
-) -> np.ndarray:
-    """One image per (style index into ``world.STYLE_CLASSES``, object index into :data:`OBJECTS`): uint8
-    ``(N, 32, 32, 3)``, the glyph in its style's object colour over the style's texture, as world.py draws.
-    A pure function of the indices, ``table`` (default: shapes.json) and the generator's state."""
-    style_idx = np.asarray(style_idx, dtype=np.int64).reshape(-1)
-    object_idx = np.asarray(object_idx, dtype=np.int64).reshape(-1)
-    if style_idx.shape != object_idx.shape:
-        raise ValueError("style_idx and object_idx must have the same length")
-    if style_idx.size and (style_idx.min() < 0 or style_idx.max() > world.NEUTRAL_INDEX):
-        raise ValueError(f"style index out of range 0..{world.NEUTRAL_INDEX}")
-    if object_idx.size and (object_idx.min() < 0 or object_idx.max() >= len(OBJECTS)):
-        raise ValueError(f"object index out of range 0..{len(OBJECTS) - 1}")
-    rng = world._as_rng(rng)
-    params = shape_matrix(table)[object_idx]
-    out = np.empty((len(style_idx), world.SIZE, world.SIZE, 3), dtype=np.uint8)
-    for i in range(0, len(style_idx), world._CHUNK):
-        sl = slice(i, i + world._CHUNK)
-        out[sl] = _draw_chunk(style_idx[sl], params[sl], rng)
-    return out
-
-
-def _draw_chunk(style_idx: np.ndarray, params: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """world._draw_chunk with :func:`shape_mask` for ``_shape_mask`` (same texture, colours, supersampling)."""
-    n = len(style_idx)
-    phase = rng.random(size=(n, 2)).astype(np.float32)  # always drawn in this order (determinism)
-    centre = (world.SIZE / 2 + rng.uniform(-SHIFT, SHIFT, size=(n, 2))).astype(np.float32)
-    radius = rng.uniform(*RADIUS, size=n).astype(np.float32)
-    angle = np.deg2rad(rng.uniform(-ROTATION, ROTATION, size=n)).astype(np.float32)
-
-    x, y = world._COORD[None, None, :], world._COORD[None, :, None]
-    pat = world._texture_mask(world._TEXTURES[style_idx], phase, x, y)
-    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-    dx, dy = x - centre[:, 0, None, None], y - centre[:, 1, None, None]
-    inv_r = (1.0 / radius)[:, None, None]
-    shape = shape_mask(params, (cos * dx + sin * dy) * inv_r, (-sin * dx + cos * dy) * inv_r, rng)
-
-    w_obj = world._block_mean(shape)
-    w_pat = world._block_mean(pat & ~shape)
-    pal = world._COLOURS[style_idx][:, :, None, None, :]  # (n, [base, pattern, object], 1, 1, RGB)
-    img = pal[:, 0] + w_pat[..., None] * (pal[:, 1] - pal[:, 0]) + w_obj[..., None] * (pal[:, 2] - pal[:, 0])
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def sample_objects(
-    n: int, rng: np.random.Generator | int | None, neutral_share: float = 0.0, table: dict | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``n`` drawings with uniformly random (style, object) labels; a ``neutral_share`` of them neutral.
-    Returns ``(images, style_idx, object_idx)`` as :func:`world.sample_batch`."""
-    rng = world._as_rng(rng)
-    style_idx = rng.integers(0, len(world.STYLES), size=n)
-    object_idx = rng.integers(0, len(OBJECTS), size=n)
-    if neutral_share > 0:
-        style_idx = np.where(rng.random(n) < neutral_share, world.NEUTRAL_INDEX, style_idx)
-    return draw_objects(style_idx, object_idx, rng, table), style_idx, object_idx
-
-
 def contact_sheet(
     path: str | Path | None = None, styles: list[str] | None = None, seed: int = 0, scale: int = 3, gap: int = 2
 ) -> np.ndarray:
-    """One row per object, one column per style (default: 7 spread-out styles, then neutral), tiles upscaled."""
+    """One row per glyph (objects, then categories), one column per style (default: 7 spread-out styles, then neutral), tiles upscaled."""
+    from cuig_lightning.canvas_mini import world  # world draws the glyphs (and imports this module)
+
     styles = styles or [*world.STYLES[::7], world.NEUTRAL]
     s_idx = np.array([world.STYLE_CLASSES.index(s) for s in styles])
-    rows, cols = len(OBJECTS), len(styles)
-    imgs = draw_objects(np.tile(s_idx, rows), np.repeat(np.arange(rows), cols), seed)
+    rows, cols = len(GLYPHS), len(styles)
+    imgs = world.draw_batch(np.tile(s_idx, rows), np.repeat(np.arange(rows), cols), seed)
     return world.tile_sheet(imgs, rows, cols, path, scale, gap)
 
 
@@ -310,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     shapes = derive_shapes(object_text_cosine())
     table = {
         "about": "Canvas-mini object glyphs (mirror-symmetric radial Fourier outlines, harmonics h1..h10), derived "
-        "by cuig_lightning/canvas_mini/objects.py from the causal MiniLM in-prompt states of the object names "
+        "by cuig_lightning/canvas_mini/objects.py from the causal MiniLM in-prompt states of the object and "
+        "category names "
         f"(classical MDS, mixed with a per-object random draw: of {CANDIDATES} draws, the one keeping outlines "
         "farthest apart).",
         "meaning": MEANING,
@@ -320,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     SHAPES_PATH.parent.mkdir(parents=True, exist_ok=True)
     SHAPES_PATH.write_text(json.dumps(table, indent=1) + "\n")
-    print(f"wrote {SHAPES_PATH} ({len(shapes)} objects)")
+    print(f"wrote {SHAPES_PATH} ({len(shapes)} glyphs: objects and categories)")
 
 
 if __name__ == "__main__":

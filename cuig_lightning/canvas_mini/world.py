@@ -1,10 +1,11 @@
-"""Canvas-mini's drawn world: 48 styles x 12 objects, plus a neutral (style-less) look.
+"""Canvas-mini's drawn world: 48 styles x 20 objects, plus a neutral (style-less) look.
 
 Every image is 32x32 RGB. Its *style* is the background: a two-colour texture drawn from a small
 continuous family (two crossed cosine gratings, thresholded: stripes, checks, dots, grids and all in
 between) with a base colour, a pattern colour, an orientation, a period, a cross weight and a
-duty. Its *object* is one large filled shape in a colour that contrasts with the background, with
-small random jitter of position, size and rotation.
+duty. Its *object* is one filled glyph (:mod:`cuig_lightning.canvas_mini.objects`: the 20 UnlearnCanvas objects,
+shapes derived from their names' text geometry) in a colour that contrasts with the background, with small random
+jitter of position, size, rotation and outline.
 
 Style names are real single-concept names taken from UnlearnCanvas (``Van_Gogh``, ``Byzantine``,
 ``Winter``...). Each style's look parameters come from the names' text geometry as the UNet sees
@@ -12,9 +13,10 @@ it (:mod:`cuig_lightning.canvas_mini.looks` derives them and writes ``looks.json
 the text encoder finds close look somewhat alike, as real art does, without any one visual
 attribute being shared by every similar pair.
 
-A caption without a style ("A Circle image.") shows the *neutral* look: a flat grey background
-with a dark object. It is what ConAbl's anchor prompts render, and the style classifier has a class
-for it (:data:`NEUTRAL`).
+A caption without a style ("A Cats image.") shows the *neutral* look: a flat grey background
+with a dark object. It is what ConAbl's style anchor prompts render, and the style classifier has a class
+for it (:data:`NEUTRAL`). A caption may name a category instead of an object ("A Animals image.", ConAbl's object
+anchors): each category has a glyph of its own, near its members' (:data:`GLYPHS`).
 
 Image format: :func:`draw_batch` and :func:`make_dataset` return ``uint8`` arrays ``(N, 32, 32, 3)``;
 :func:`to_tensor` turns them into ``float (N, 3, 32, 32)`` in ``[-1, 1]``, :func:`from_tensor` back.
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cuig_lightning.canvas_mini import objects
 from cuig_lightning.requests import NEUTRAL_STYLE
 
 SIZE = 32
@@ -50,15 +53,16 @@ STYLES: list[str] = [
 ]  # fmt: skip
 #: The style-less look; a class of the style classifier, never a style of the vocabulary.
 NEUTRAL = NEUTRAL_STYLE
-#: 12 shapes, distinct at 32 px.
-OBJECTS: list[str] = [
-    "Circle", "Square", "Triangle", "Cross", "Ring", "Diamond", "Star", "Heart", "Moon", "Arrow", "House", "Hourglass",
-]  # fmt: skip
+#: The 20 UnlearnCanvas objects and the 5 categories ConAbl's object anchors name (glyphs from objects.py).
+OBJECTS: list[str] = objects.OBJECTS
+CATEGORIES: list[str] = list(objects.CATEGORIES)
+#: Every drawable glyph, the object word of every caption: the objects, then the categories' own looks.
+GLYPHS: list[str] = objects.GLYPHS
 #: Style classes of the judge: every style, then the neutral look (index ``len(STYLES)``).
 STYLE_CLASSES: list[str] = STYLES + [NEUTRAL]
 NEUTRAL_INDEX = len(STYLES)
 
-assert len(set(STYLES)) == 48 and len(set(OBJECTS)) == 12
+assert len(set(STYLES)) == 48 and len(set(OBJECTS)) == 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +110,7 @@ def _build_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 _COLOURS, _TEXTURES = _build_tables()  # (S + 1, 3, RGB), (S + 1, 4); the last row is the neutral look
+_SHAPES = objects.shape_matrix() if objects.SHAPES_PATH.is_file() else np.full((len(GLYPHS), objects.P), 0.5)
 _COORD = (np.arange(SIZE * _SS, dtype=np.float32) + 0.5) / _SS  # pixel centres in 32-px units
 
 
@@ -125,55 +130,6 @@ def _texture_mask(tex: np.ndarray, phase: np.ndarray, x: np.ndarray, y: np.ndarr
     return g > thr
 
 
-def _star(u: np.ndarray, v: np.ndarray, inner: float = 0.5) -> np.ndarray:
-    """Five-pointed star, one point up, outer radius 1."""
-    phi = np.arctan2(u, -v)
-    sector = np.deg2rad(72.0)
-    c = sector / 2 - np.abs(np.mod(phi, sector) - sector / 2)
-    rho = np.sqrt(u * u + v * v)
-    px, py = rho * np.cos(c), rho * np.sin(c)
-    ix, iy = inner * np.cos(sector / 2), inner * np.sin(sector / 2)
-    return (ix - 1.0) * py - iy * (px - 1.0) >= 0.0
-
-
-def _shape_mask(obj: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Filled shape in object coordinates (u right, v down, 1 = the object's radius)."""
-    name = OBJECTS[obj]
-    au, av = np.abs(u), np.abs(v)
-    r2 = u * u + v * v
-    if name == "Circle":
-        return r2 <= 1.0
-    if name == "Ring":
-        return (r2 <= 1.0) & (r2 >= 0.55**2)
-    if name == "Square":
-        return np.maximum(au, av) <= 0.82
-    if name == "Diamond":  # taller than wide, so never a rotated square
-        return au / 0.78 + av / 1.05 <= 1.0
-    if name == "Triangle":  # equilateral, apex up
-        ok = v <= 0.575
-        for ang in (np.deg2rad(30.0), np.deg2rad(150.0)):
-            ok &= u * np.cos(ang) - v * np.sin(ang) <= 0.575
-        return ok
-    if name == "Cross":
-        return ((au <= 0.32) & (av <= 1.0)) | ((av <= 0.32) & (au <= 1.0))
-    if name == "Star":
-        return _star(u * 0.95, v * 0.95 + 0.05)
-    if name == "Heart":  # (X^2 + Y^2 - 1)^3 - X^2 Y^3 <= 0, tip down
-        X, Y = 1.12 * u, -1.125 * v + 0.125
-        return (X * X + Y * Y - 1.0) ** 3 - X * X * Y**3 <= 0.0
-    if name == "Moon":  # crescent opening to the right
-        return (r2 <= 1.0) & ((u - 0.5) ** 2 + v * v >= 0.8**2)
-    if name == "Arrow":  # pointing right: shaft + head
-        return ((u >= -1.0) & (u <= 0.1) & (av <= 0.28)) | ((u >= 0.1) & (u <= 1.0) & (av <= (1.0 - u) * 0.95))
-    if name == "House":  # square body, triangular roof
-        body = (au <= 0.75) & (v >= -0.1) & (v <= 0.9)
-        roof = (v < -0.1) & (v >= -1.0) & (au <= (v + 1.0) * 1.05)
-        return body | roof
-    if name == "Hourglass":  # two triangles meeting at their tips
-        return (av <= 0.95) & (au <= 0.12 + 0.8 * av)
-    raise ValueError(name)
-
-
 def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
@@ -187,27 +143,18 @@ def _block_mean(mask: np.ndarray) -> np.ndarray:
 
 def _draw_chunk(style_idx: np.ndarray, object_idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n = len(style_idx)
-    # random parameters, always drawn in this order (determinism)
+    # random parameters, always drawn in this order (determinism); shape_mask then draws each glyph's deformation
     phase = rng.random(size=(n, 2)).astype(np.float32)
-    centre = (SIZE / 2 + rng.uniform(-2.5, 2.5, size=(n, 2))).astype(np.float32)
-    radius = rng.uniform(8.5, 10.5, size=n).astype(np.float32)  # object 17..21 px across
-    angle = np.deg2rad(rng.uniform(-15.0, 15.0, size=n)).astype(np.float32)
+    centre = (SIZE / 2 + rng.uniform(-objects.SHIFT, objects.SHIFT, size=(n, 2))).astype(np.float32)
+    radius = rng.uniform(*objects.RADIUS, size=n).astype(np.float32)
+    angle = np.deg2rad(rng.uniform(-objects.ROTATION, objects.ROTATION, size=n)).astype(np.float32)
 
-    x = _COORD[None, None, :]
-    y = _COORD[None, :, None]
+    x, y = _COORD[None, None, :], _COORD[None, :, None]
     pat = _texture_mask(_TEXTURES[style_idx], phase, x, y)
-
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    dx, dy = x - centre[:, 0, None, None], y - centre[:, 1, None, None]
     inv_r = (1.0 / radius)[:, None, None]
-    hi = SIZE * _SS
-    shape = np.zeros((n, hi, hi), dtype=bool)
-    for o in np.unique(object_idx):
-        sel = object_idx == o
-        dx = x - centre[sel, 0, None, None]
-        dy = y - centre[sel, 1, None, None]
-        u = (cos[sel] * dx + sin[sel] * dy) * inv_r[sel]
-        v = (-sin[sel] * dx + cos[sel] * dy) * inv_r[sel]
-        shape[sel] = _shape_mask(int(o), u, v)
+    shape = objects.shape_mask(_SHAPES[object_idx], (cos * dx + sin * dy) * inv_r, (-sin * dx + cos * dy) * inv_r, rng)
 
     w_obj = _block_mean(shape)
     w_pat = _block_mean(pat & ~shape)
@@ -222,7 +169,8 @@ def draw_batch(
     """One image per (style index, object index) pair: uint8 ``(N, 32, 32, 3)``.
 
     Style indices refer to :data:`STYLE_CLASSES` (``NEUTRAL_INDEX`` draws the neutral look), object
-    indices to :data:`OBJECTS`. A pure function of the indices and the generator's state.
+    indices to :data:`GLYPHS` (the objects, then the categories). A pure function of the indices and the
+    generator's state.
     """
     style_idx = np.asarray(style_idx, dtype=np.int64).reshape(-1)
     object_idx = np.asarray(object_idx, dtype=np.int64).reshape(-1)
@@ -230,8 +178,8 @@ def draw_batch(
         raise ValueError("style_idx and object_idx must have the same length")
     if style_idx.size and (style_idx.min() < 0 or style_idx.max() > NEUTRAL_INDEX):
         raise ValueError(f"style index out of range 0..{NEUTRAL_INDEX}")
-    if object_idx.size and (object_idx.min() < 0 or object_idx.max() >= len(OBJECTS)):
-        raise ValueError(f"object index out of range 0..{len(OBJECTS) - 1}")
+    if object_idx.size and (object_idx.min() < 0 or object_idx.max() >= len(GLYPHS)):
+        raise ValueError(f"object index out of range 0..{len(GLYPHS) - 1}")
     rng = _as_rng(rng)
     out = np.empty((len(style_idx), SIZE, SIZE, 3), dtype=np.uint8)
     for i in range(0, len(style_idx), _CHUNK):
@@ -240,8 +188,8 @@ def draw_batch(
 
 
 def draw(style: str, obj: str, rng: np.random.Generator | int | None = None) -> np.ndarray:
-    """One image of ``obj`` in ``style`` (or :data:`NEUTRAL`): uint8 ``(32, 32, 3)``."""
-    return draw_batch(_indices([style], STYLE_CLASSES), _indices([obj], OBJECTS), rng)[0]
+    """One image of ``obj`` (an object or a category) in ``style`` (or :data:`NEUTRAL`): uint8 ``(32, 32, 3)``."""
+    return draw_batch(_indices([style], STYLE_CLASSES), _indices([obj], GLYPHS), rng)[0]
 
 
 def _indices(names: list[str] | None, vocab: list[str]) -> np.ndarray:
@@ -256,27 +204,32 @@ def _indices(names: list[str] | None, vocab: list[str]) -> np.ndarray:
 def make_dataset(
     n_per_class: int, seed: int = 0, styles: list[str] | None = None, objects: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``n_per_class`` images of every (style, object) pair; ``styles`` defaults to :data:`STYLE_CLASSES`.
+    """``n_per_class`` images of every (style, object) pair; ``styles`` defaults to :data:`STYLE_CLASSES`,
+    ``objects`` to :data:`OBJECTS` (any of :data:`GLYPHS` may be given).
 
-    Returns ``(images, style_idx, object_idx)`` (indices into :data:`STYLE_CLASSES` / :data:`OBJECTS`),
+    Returns ``(images, style_idx, object_idx)`` (indices into :data:`STYLE_CLASSES` / :data:`GLYPHS`),
     style-major, then object, then the repeats.
     """
     s = _indices(styles, STYLE_CLASSES)
-    o = _indices(objects, OBJECTS)
+    o = _indices(objects or OBJECTS, GLYPHS)
     style_idx = np.repeat(s, len(o) * n_per_class)
     object_idx = np.tile(np.repeat(o, n_per_class), len(s))
     return draw_batch(style_idx, object_idx, seed), style_idx, object_idx
 
 
 def sample_batch(
-    n: int, rng: np.random.Generator | int | None, neutral_share: float = 0.0
+    n: int, rng: np.random.Generator | int | None, neutral_share: float = 0.0, category_share: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``n`` images with uniformly random (style, object) labels; a ``neutral_share`` of them neutral."""
+    """``n`` images with uniformly random (style, object) labels; a ``neutral_share`` of them neutral, a
+    ``category_share`` of them a uniformly random category's look instead of an object (index into :data:`GLYPHS`)."""
     rng = _as_rng(rng)
     style_idx = rng.integers(0, len(STYLES), size=n)
     object_idx = rng.integers(0, len(OBJECTS), size=n)
     if neutral_share > 0:
         style_idx = np.where(rng.random(n) < neutral_share, NEUTRAL_INDEX, style_idx)
+    if category_share > 0:
+        category = len(OBJECTS) + rng.integers(0, len(CATEGORIES), size=n)
+        object_idx = np.where(rng.random(n) < category_share, category, object_idx)
     return draw_batch(style_idx, object_idx, rng), style_idx, object_idx
 
 
@@ -295,9 +248,10 @@ def from_tensor(images: torch.Tensor) -> np.ndarray:
 
 
 def contact_sheet(path: str | Path | None = None, seed: int = 0, scale: int = 2, gap: int = 2) -> np.ndarray:
-    """One row per style class (neutral last), one column per object, tiles upscaled ``scale`` x; optional PNG."""
-    imgs, _, _ = make_dataset(1, seed)
-    return tile_sheet(imgs, len(STYLE_CLASSES), len(OBJECTS), path, scale, gap)
+    """One row per style class (neutral last), one column per glyph (objects, then categories), tiles upscaled
+    ``scale`` x; optional PNG."""
+    imgs, _, _ = make_dataset(1, seed, objects=GLYPHS)
+    return tile_sheet(imgs, len(STYLE_CLASSES), len(GLYPHS), path, scale, gap)
 
 
 def tile_sheet(imgs: np.ndarray, rows: int, cols: int, path: str | Path | None = None, scale: int = 2,

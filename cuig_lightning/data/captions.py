@@ -40,8 +40,8 @@ NEUTRAL_TEMPLATES: tuple[str, ...] = (
 
 def generic_captions(objects: Sequence[str], templates: Sequence[str] = NEUTRAL_TEMPLATES) -> list[str]:
     """Every template filled with every object (underscores read as spaces), template by template: the
-    default caption set of GradProj's ``source: captions``. Deterministic; 17 templates x Canvas-mini's 12
-    objects = 204 captions, none naming a style."""
+    caption set of GradProj's ``caption_set: generic``. Deterministic; 17 templates x Canvas-mini's 20
+    objects = 340 captions (204 with the 12 shapes of the world before issue 34), none naming a style."""
     return [template.format(concept_text(o)) for template in templates for o in objects]
 
 

@@ -179,12 +179,14 @@ class Evaluation:
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, model: DiffusionModel, pairs: list[tuple[str, str]], seeds: list[int] | None = None,
-                 cond: torch.Tensor | None = None, latents: bool = False) -> torch.Tensor:
+                 cond: torch.Tensor | None = None, latents: bool = False,
+                 grid: list[tuple[str, str]] | None = None) -> torch.Tensor:
         """Images in [0, 1] as the classifiers read them (:meth:`Classifiers.prepare`: SD's 512x512
         images are shrunk batch by batch, so a 5-seed grid fits in memory), seed-major then pair, one per
         (seed, pair); ``seeds``: these instead of :attr:`seeds` (a seed's images do not depend on the others).
         ``cond``: one text state per pair instead of its caption's (the soft-prompt attack's);
-        ``latents``: the sampled latents (float32, before decoding) instead of images.
+        ``latents``: the sampled latents (float32, before decoding) instead of images; ``grid``: the grid the
+        pairs are a part of (in its order): each keeps its noise there, so the stop rule's UA is the evaluation's.
 
         Each image's starting noise is drawn as it always was: one generator per seed, drawn from in chunks
         of ``batch_size`` prompts in order. UnlearnCanvas' grid is then sampled ``batch_size`` (seed, prompt)
@@ -198,7 +200,8 @@ class Evaluation:
         cond_all = (model.encode_text([caption(s, o) for s, o in pairs]) if cond is None else cond).to(device)
         uncond = model.encode_text([""]).to(device)
         seeds = self.seeds if seeds is None else seeds
-        noise = torch.cat([self._seed_noise(seed, len(pairs), model.latent_shape) for seed in seeds])
+        place, n_noise = (_places(pairs, grid), len(grid)) if grid is not None else (slice(None), len(pairs))
+        noise = torch.cat([self._seed_noise(seed, n_noise, model.latent_shape)[place] for seed in seeds])
         pair_index = torch.arange(len(pairs)).repeat(len(seeds))  # job j: seed j // len(pairs), pair_index[j]
         jobs = torch.arange(len(noise))
         groups = jobs.split(len(pairs)) if self.classifier_kind == "canvas-mini" else [jobs]
@@ -219,8 +222,8 @@ class Evaluation:
 
     def _seed_noise(self, seed: int, n: int, shape: tuple[int, ...]) -> torch.Tensor:
         """The starting noise of ``n`` prompts under one seed: one generator, drawn in chunks of ``batch_size``."""
-        g = torch.Generator().manual_seed(seed)
-        sizes = [min(self.batch_size, n - start) for start in range(0, n, self.batch_size)]
+        g, step = torch.Generator().manual_seed(seed), self.batch_size
+        sizes = [min(step, n - start) for start in range(0, n, step)]
         return torch.cat([torch.randn((size, *shape), generator=g, dtype=torch.float32) for size in sizes])
 
     def grid(self, erased: list[str], domain: str) -> list[tuple[str, str]]:
@@ -264,8 +267,9 @@ class Evaluation:
         clf = self.classifiers_for(model)
         seeds = self.seeds if seeds is None else seeds
         side, vocab = (0, clf.styles) if domain == "style" else (1, clf.objects)  # a pair is (style, object)
-        pairs = [p for p in self.grid(erased, domain) if p[side] in erased]
-        pred = clf.predict(self.generate(model, pairs, seeds))[side]
+        grid = self.grid(erased, domain)  # an object grid interleaves erased and retained objects: keep their noise
+        pairs = [p for p in grid if p[side] in erased]
+        pred = clf.predict(self.generate(model, pairs, seeds, grid=grid))[side]
         prompted = torch.tensor([vocab.index(p[side]) for p in pairs] * len(seeds))
         return unlearn_accuracy(prompted, pred, [vocab.index(c) for c in erased], len(vocab))
 
@@ -332,3 +336,15 @@ def save_image_grid(images: torch.Tensor, rows: list[str], cols: list[str], path
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _places(pairs: list[tuple[str, str]], grid: list[tuple[str, str]]) -> torch.Tensor:
+    """Where ``pairs`` sit in ``grid`` (a part of it, in its order; a pair listed twice is two places)."""
+    places, j = [], 0
+    for i, pair in enumerate(grid):
+        if j < len(pairs) and pair == pairs[j]:
+            places.append(i)
+            j += 1
+    if j < len(pairs):
+        raise ValueError(f"pairs are not a part of the grid in its order (from {pairs[j]})")
+    return torch.tensor(places)

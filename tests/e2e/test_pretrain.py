@@ -45,15 +45,15 @@ def test_unet_layout():
 def test_caption_embeddings_match_encode_text(tmp_path, monkeypatch):
     monkeypatch.setenv("CUIG_CACHE", str(tmp_path))
     cond, uncond = cm.caption_embeddings()
-    n = len(world.STYLE_CLASSES) * len(world.OBJECTS)
+    n = len(world.STYLE_CLASSES) * len(world.GLYPHS)  # objects and category looks
     assert cond.shape == (n, 77, 384) and uncond.shape == (1, 77, 384)
     cached, _ = cm.caption_embeddings()  # second call reads the cache
     assert torch.equal(cached, cond)
     encoder = cm.load_text_model()
     caps = cm.all_captions()
-    k = len(world.OBJECTS) + 1
-    assert caps[k] == caption(world.STYLES[1], world.OBJECTS[1])
-    assert caps[-1] == caption(None, world.OBJECTS[-1])  # the neutral captions come last
+    k = len(world.GLYPHS) + 1
+    assert caps[k] == caption(world.STYLES[1], world.GLYPHS[1])
+    assert caps[-1] == caption(None, world.GLYPHS[-1]) == "A Landscapes image."  # the neutral captions come last
     torch.testing.assert_close(encoder.encode_text(caps[k - 1 : k + 1]), cond[k - 1 : k + 1], atol=1e-5, rtol=1e-4)
 
 
@@ -68,7 +68,7 @@ def test_pretrain_saves_loadable_model(trained):
     model = DiffusionModel.from_pretrained(folder)
     assert model.vae is None and model.causal_mask and model.latent_shape == (3, 32, 32)
     assert next(model.unet.parameters()).dtype == torch.float32  # fp16 on disk, float32 in memory
-    cond = model.encode_text(["A Circle image in Van Gogh style.", "A Star image."])
+    cond = model.encode_text(["A Cats image in Van Gogh style.", "A Birds image."])
     uncond = model.encode_text([""])
     lat = model.sample(cond, uncond, torch.Generator().manual_seed(0), steps=2, guidance=2.0)
     img = model.decode(lat)
@@ -79,7 +79,7 @@ def test_pretrain_saves_loadable_model(trained):
 def test_evaluate_base_runs(trained):
     root, _ = trained
     res = P.evaluate_base(root / "out", seeds=(188,), steps=1, guidance=2.0)
-    assert res["n_images"] == len(world.STYLE_CLASSES) * len(world.OBJECTS)
+    assert res["n_images"] == len(world.STYLE_CLASSES) * len(world.GLYPHS)
     for key in ("style_accuracy", "object_accuracy", "neutral_accuracy"):
         assert 0.0 <= res[key] <= 100.0
     assert set(res["per_style"]) == set(world.STYLE_CLASSES)

@@ -89,7 +89,7 @@ def test_export_from_the_run_folder_loads_and_samples(finished_run, tmp_path):
     out = tmp_path / "export"
     assert run_cli("export", "--run_dir", str(finished_run / "run"), "--output", str(out)) == 0
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
-    image = pipe("A Circle image in Monet style.", num_inference_steps=2, height=64, width=64,
+    image = pipe("A Cats image in Monet style.", num_inference_steps=2, height=64, width=64,
                  output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
     assert image.shape == (64, 64, 3)
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"

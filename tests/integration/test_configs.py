@@ -33,6 +33,35 @@ def test_seq12_is_the_canvas_mini_sequence(capsys):
     assert cfg["trainer"]["evaluation"] is not None
 
 
+def test_seq12_object_is_the_papers_object_sequence(capsys):
+    from cuig_lightning.canvas_mini import objects, world
+
+    cfg = printed_config(capsys, CONFIGS / "seq12_object.yaml")
+    requests = cfg["trainer"]["requests"]
+    assert [r["target"] for r in requests] == METHOD_MD_OBJECTS and {r["domain"] for r in requests} == {"object"}
+    paper = printed_config(capsys, CONFIGS / "unlearncanvas" / "seq12_object.yaml")["trainer"]["requests"]
+    assert [r["anchor"] for r in requests] == [r["anchor"] for r in paper]  # the paper's anchors ...
+    assert all(objects.CATEGORY[r["target"]] == r["anchor"] for r in requests)  # ... are the world's categories
+    evaluation = cfg["trainer"]["evaluation"]["init_args"]
+    assert evaluation["retain_objects"] == METHOD_MD_RETAIN_OBJECTS
+    seq12 = printed_config(capsys, CONFIGS / "seq12.yaml")
+    assert evaluation["retain_styles"] == seq12["trainer"]["evaluation"]["init_args"]["retain_styles"]
+    assert cfg["data"]["vocabulary"] == {"style": world.STYLES, "object": world.OBJECTS}
+    # the object validation split: another order, a retain set apart from the reported one, all 20 objects used
+    val = printed_config(capsys, CONFIGS / "seq12_object.yaml", CONFIGS / "paper" / "validation_object.yaml")
+    val_targets = [r["target"] for r in val["trainer"]["requests"]]
+    val_retain = val["trainer"]["evaluation"]["init_args"]["retain_objects"]
+    assert len(set(val_targets)) == 12 and sorted(val_targets + val_retain) == sorted(world.OBJECTS)
+    assert not set(val_retain) & set(METHOD_MD_RETAIN_OBJECTS) and val_targets[:4] != METHOD_MD_OBJECTS[:4]
+    assert all(objects.CATEGORY[r["target"]] == r["anchor"] for r in val["trainer"]["requests"])
+
+
+def test_seq12_object_smoke(tmp_path, tiny_sd, cache_dir):
+    smoke = write_smoke_overlay(tmp_path, tiny_sd, cache_dir, job="seq12_object.yaml")
+    assert run_cli("fit", "--config", str(CONFIGS / "seq12_object.yaml"), "--config", str(smoke)) == 0
+    assert len(list((tmp_path / "run" / "requests").glob("*/manifest.json"))) == 2
+
+
 def test_neighbours_diagnostic_measures_every_other_style(capsys):
     from cuig_lightning.canvas_mini import world
 

@@ -21,7 +21,7 @@ from cuig_lightning.export import PIPELINE_FILE, TAGS, CanvasMiniPipeline, model
 from cuig_lightning.models.diffusion import DiffusionModel
 from tests.helpers import run_cli, write_tiny_job
 
-PROMPT = "A Circle image in Monet style."
+PROMPT = "A Cats image in Monet style."
 
 
 def _pixel_space(tiny_sd, folder, scheduler_class=None):
@@ -51,10 +51,10 @@ def test_pixel_space_export_is_a_canvas_mini_pipeline(tiny_sd, tmp_path):
     save_pipeline(model, out)
 
     pipe = CanvasMiniPipeline.from_pretrained(out)
-    got = pipe("A Circle image in Monet style.", num_inference_steps=3, guidance_scale=1.5, output_type="np",
+    got = pipe("A Cats image in Monet style.", num_inference_steps=3, guidance_scale=1.5, output_type="np",
                generator=torch.Generator().manual_seed(3)).images
     # the same as the model's own sampler and text encoding (DiffusionModel.encode_text / sample_cfg)
-    cond, uncond = model.encode_text(["A Circle image in Monet style."]), model.encode_text([""])
+    cond, uncond = model.encode_text(["A Cats image in Monet style."]), model.encode_text([""])
     expected = model.decode(model.sample(cond, uncond, torch.Generator().manual_seed(3), steps=3, guidance=1.5))
     np.testing.assert_allclose(got, expected.permute(0, 2, 3, 1).numpy(), atol=1e-5)
     assert len(pipe(["a", "b"], num_inference_steps=2).images) == 2

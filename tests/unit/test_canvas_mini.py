@@ -115,7 +115,7 @@ def test_classifier_training_smoke_and_exact_roundtrip(tmp_path):
     assert sum(p.numel() for p in model.parameters()) < 500_000
     assert 0.0 <= report["held_out"]["acc_clean"] <= 1.0
     loaded = clf.load_classifier("object", tmp_path)
-    assert loaded.classes == cm.OBJECTS
+    assert loaded.classes == cm.GLYPHS  # the 20 objects and the 5 category looks
     ref = model.state_dict()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ref[k]), k

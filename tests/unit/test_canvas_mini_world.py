@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from cuig_lightning.canvas_mini import looks, world
+from cuig_lightning.canvas_mini import looks, objects, world
+from cuig_lightning.canvas_mini.model import all_captions
 from cuig_lightning.requests import caption
 from tests.helpers import REPO as ROOT
 
@@ -23,10 +24,25 @@ def _split(path: str) -> tuple[list[str], list[str]]:
 
 
 def test_vocabulary_size_and_captions():
-    assert len(world.STYLES) >= 48 and len(world.OBJECTS) >= 12
+    assert len(world.STYLES) == 48 and world.OBJECTS == objects.OBJECTS and len(world.OBJECTS) == 20
     assert world.STYLE_CLASSES[world.NEUTRAL_INDEX] == world.NEUTRAL and world.NEUTRAL not in world.STYLES
-    assert caption("Van_Gogh", "Circle") == "A Circle image in Van Gogh style."
-    assert caption(None, "Circle") == caption(world.NEUTRAL, "Circle") == "A Circle image."
+    assert caption("Van_Gogh", "Cats") == "A Cats image in Van Gogh style."
+    assert caption(None, "Cats") == caption(world.NEUTRAL, "Cats") == "A Cats image."
+
+
+def test_categories_have_looks_of_their_own_and_captions():
+    """ConAbl's object anchors ("A Animals image.") draw the category's own glyph, none of its members'."""
+    assert world.GLYPHS == world.OBJECTS + world.CATEGORIES and len(world.GLYPHS) == 25
+    _, s, o = world.sample_batch(2000, np.random.default_rng(0), category_share=0.3)
+    category = o >= len(world.OBJECTS)
+    assert 0.25 < category.mean() < 0.35 and set(o[category]) == set(range(20, 25))
+    # no category share: the same draws as before categories existed
+    assert np.array_equal(world.sample_batch(64, 1)[0], world.sample_batch(64, 1, category_share=0.0)[0])
+    a, b = world.draw("Monet", "Food", 0), world.draw("Monet", "Sandwiches", 0)
+    assert (a != b).any(-1).sum() > 20  # Food's look is near, not equal to, its only member's
+    captions = all_captions()
+    assert len(captions) == len(world.STYLE_CLASSES) * len(world.GLYPHS)
+    assert captions[world.NEUTRAL_INDEX * len(world.GLYPHS) + world.GLYPHS.index("Animals")] == "A Animals image."
 
 
 def test_world_deterministic_per_seed():
@@ -46,13 +62,17 @@ def test_every_pair_drawable_textured_and_neutral_is_flat():
     assert imgs.shape == (len(world.STYLE_CLASSES) * len(world.OBJECTS), 32, 32, 3) and imgs.dtype == np.uint8
     t = world.to_tensor(imgs)
     assert t.min() >= -1 and t.max() <= 1 and np.array_equal(world.from_tensor(t), imgs)
-    border = np.concatenate([imgs[:, :3].reshape(len(imgs), -1, 3), imgs[:, -3:].reshape(len(imgs), -1, 3)], 1)
-    colours = np.array([len(np.unique(b, axis=0)) for b in border])
+    count = lambda parts: np.array([len(np.unique(np.concatenate([p[i].reshape(-1, 3) for p in parts]), axis=0))
+                                    for i in range(len(imgs))])  # noqa: E731 - distinct colours per image
     neutral = s_idx == world.NEUTRAL_INDEX
-    assert (colours[neutral] == 1).all()  # flat grey background
-    assert (colours[~neutral] >= 2).all()  # every style shows its two-colour texture
+    # the four 5x5 corners: no glyph reaches them (at most 1.3 x 9.5 px, stretched, from a centre within 2 px)
+    corners = count([imgs[:, r, c] for r in (slice(0, 5), slice(-5, None)) for c in (slice(0, 5), slice(-5, None))])
+    assert (corners[neutral] == 1).all()  # flat grey background
+    assert (count([imgs[:, :3], imgs[:, -3:]])[~neutral] >= 2).all()  # every style shows its two-colour texture
     with pytest.raises(KeyError):
-        world.draw("Red_Stripes", "Circle", 0)  # the first world's names are gone
+        world.draw("Red_Stripes", "Cats", 0)  # the first world's names are gone
+    with pytest.raises(KeyError):
+        world.draw("Monet", "Circle", 0)  # so are its 12 shapes
 
 
 def test_look_table_is_derived_from_text_geometry():
@@ -109,9 +129,9 @@ def text_model():
 
 
 def test_conditioning_is_causal_and_padded(text_model):
-    a, b = text_model.encode_text(["A Circle image in Van Gogh style.", "A Circle image in Bricks style."])
+    a, b = text_model.encode_text(["A Cats image in Van Gogh style.", "A Cats image in Bricks style."])
     assert a.shape == (77, 384)
-    prefix = len(text_model.tokenizer("A Circle image in").input_ids) - 1  # [CLS] + the prefix's tokens
+    prefix = len(text_model.tokenizer("A Cats image in").input_ids) - 1  # [CLS] + the prefix's tokens
     assert torch.equal(a[:prefix], b[:prefix])  # a prefix token's state ignores the style word after it
     assert (a[prefix:] - b[prefix:]).abs().amax(-1).min() > 1e-3  # every later position (padding too) differs
 

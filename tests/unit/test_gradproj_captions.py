@@ -16,7 +16,7 @@ from callbacks.gradient_projection import (
     projection_rank,
     projector,
 )
-from cuig_lightning.data.captions import generic_captions, names_concept, read_captions
+from cuig_lightning.data.captions import NEUTRAL_TEMPLATES, generic_captions, names_concept, read_captions
 from cuig_lightning.requests import Request, Stage
 from cuig_lightning.run_folder import identity_hash
 from tests.helpers import CONFIGS
@@ -25,18 +25,18 @@ VOCABULARY = yaml.safe_load((CONFIGS / "seq12.yaml").read_text())["data"]["vocab
 
 
 def _stage(tmp_path, targets=("Abstractionism",), domain="style", erased=()) -> Stage:
-    return Stage(len(erased), [Request(t, domain, anchor="Circle" if domain == "object" else None) for t in targets],
+    return Stage(len(erased), [Request(t, domain, anchor="Animals" if domain == "object" else None) for t in targets],
                  list(erased), VOCABULARY, "sequential", tmp_path / "r")
 
 
 # ------------------------------------------------------------------------------------------ the caption set
 
 
-def test_default_captions_are_deterministic_about_200_and_distinct():
+def test_default_captions_are_deterministic_every_template_by_object_and_distinct():
     captions = generic_captions(VOCABULARY["object"])
     assert captions == generic_captions(list(VOCABULARY["object"]))
-    assert 180 <= len(captions) <= 220 and len(set(captions)) == len(captions)
-    assert captions[0] == "A Circle image."  # the evaluation's style-less caption comes first
+    assert len(captions) == len(NEUTRAL_TEMPLATES) * len(VOCABULARY["object"]) == len(set(captions))
+    assert captions[0] == "A Architectures image."  # the evaluation's style-less caption comes first
 
 
 def test_default_captions_name_no_style_word():
@@ -59,17 +59,18 @@ def test_caption_set_drops_targets_and_adds_erased_objects(tmp_path):
     gp = GradientProjection(source="captions", caption_set="generic")
     style = gp.prompts_for(_stage(tmp_path))
     assert style == generic_captions(VOCABULARY["object"])  # nothing names a style
-    objects = gp.prompts_for(_stage(tmp_path, ["Ring"], "object", erased=["Star", "Winter"]))
-    assert not any("Ring" in c for c in objects) and len(objects) == len(style) - len(style) // 12
-    assert "A Star image." in objects  # the erased object stays protected ("Winter" is a style)
+    objects = gp.prompts_for(_stage(tmp_path, ["Cats"], "object", erased=["Birds", "Winter"]))
+    n_objects = len(VOCABULARY["object"])
+    assert not any("Cats" in c for c in objects) and len(objects) == len(style) - len(style) // n_objects
+    assert "A Birds image." in objects  # the erased object stays protected ("Winter" is a style)
     assert names_concept("A Van Gogh sketch.", "Van_Gogh") and not names_concept("A string.", "Ring")
 
     path = tmp_path / "captions.txt"
-    path.write_text("# generic captions\nA dog on a sofa.\n\nA Ring of keys.\nA dog on a sofa.\n")
-    assert read_captions(path) == ["A dog on a sofa.", "A Ring of keys.", "A dog on a sofa."]
+    path.write_text("# generic captions\nA dog on a sofa.\n\nA Cats toy.\nA dog on a sofa.\n")
+    assert read_captions(path) == ["A dog on a sofa.", "A Cats toy.", "A dog on a sofa."]
     given = GradientProjection(source="captions", captions=str(path))
-    assert given.prompts_for(_stage(tmp_path, ["Ring"], "object", erased=["Star"])) == ["A dog on a sofa.",
-                                                                                        "A Star image."]
+    assert given.prompts_for(_stage(tmp_path, ["Cats"], "object", erased=["Birds"])) == ["A dog on a sofa.",
+                                                                                        "A Birds image."]
 
 
 def test_the_paper_caption_set_is_the_request_anchor_prompts_or_the_generated_object_prompts(tmp_path):
@@ -79,10 +80,10 @@ def test_the_paper_caption_set_is_the_request_anchor_prompts_or_the_generated_ob
     with pytest.raises(ValueError, match="no anchor prompt left"):
         gp.prompts_for(_stage(tmp_path), ["An Abstractionism Circle."])
     # objects: every style "in the style of", every object but the current target "of a"; the erased kept
-    objects = gp.prompts_for(_stage(tmp_path, ["Ring"], "object", erased=["Star"]))
+    objects = gp.prompts_for(_stage(tmp_path, ["Cats"], "object", erased=["Birds"]))
     styles = [f"An image in the style of {s.replace('_', ' ')}" for s in VOCABULARY["style"]]
-    assert objects == styles + [f"An image of a {o}" for o in VOCABULARY["object"] if o != "Ring"]
-    assert "An image of a Star" in objects
+    assert objects == styles + [f"An image of a {o}" for o in VOCABULARY["object"] if o != "Cats"]
+    assert "An image of a Birds" in objects
 
 
 def test_bad_arguments_are_refused_at_construction(tmp_path):

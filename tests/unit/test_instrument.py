@@ -12,9 +12,10 @@ from tests.helpers import CONFIGS
 
 
 def test_job_settings_merge_overlays():
-    targets, retain, evaluation = _job_settings([str(CONFIGS / "seq12.yaml")])
-    assert targets[0] == "Abstractionism" and len(retain) == 12 and evaluation["guidance"] > 0
-    v_targets, v_retain, v_eval = _job_settings([str(CONFIGS / "seq12.yaml"), str(CONFIGS / "paper" / "validation.yaml")])
+    targets, retain, evaluation, domain = _job_settings([str(CONFIGS / "seq12.yaml")])
+    assert targets[0] == "Abstractionism" and len(retain) == 12 and evaluation["guidance"] > 0 and domain == "style"
+    v_targets, v_retain, v_eval, _ = _job_settings([str(CONFIGS / "seq12.yaml"),
+                                                    str(CONFIGS / "paper" / "validation.yaml")])
     assert v_targets[0] == "Pop_Art" and not set(v_retain) & set(retain)
     assert v_eval["retain_objects"] == evaluation["retain_objects"]  # kept from the base config
 
@@ -32,8 +33,9 @@ def _report(first_below_50, sim_ra_i, r):
                          "attribute_agreement": {"hue_base": 0.3}},
         "sequential": {"42": seq, "43": {**seq, "RA_I": [90.0, 60.0], "first_below_50": 4}},  # 43 stopped early
         "simultaneous": {"UA": 96.0, "RA_I": sim_ra_i, "RA_C": 90.0, "drift_rel": 0.1},
-        "similarity_after_request_1": {"target": "Abstractionism", "pearson_r": r, "per_seed_r": [r, r],
-                                       "styles": {"Monet": {"cosine": 0.1, "accuracy": 90.0}}},
+        "similarity_after_request_1": {"target": "Abstractionism", "domain": "style", "pearson_r": r,
+                                       "per_seed_r": [r, r], "retained": {"Monet": {"cosine": 0.1, "accuracy": 90.0}}},
+        "objects": None,  # no object job: its rows say "not run" (tests/unit/test_instrument_objects.py)
     }  # fmt: skip
 
 
@@ -41,7 +43,9 @@ def test_report_marks_each_check(tmp_path):
     path = tmp_path / "instrument.md"
     write_report(_report(3, 70.0, -0.6), path)
     rows = [line for line in path.read_text().splitlines() if line.startswith("| ") and "check" not in line]
-    assert len(rows) == 7 and all(row.endswith("| yes |") for row in rows), rows
+    style, objects = [r for r in rows if "(objects)" not in r], [r for r in rows if "(objects)" in r]
+    assert len(style) == 7 and all(row.endswith("| yes |") for row in style), rows
+    assert len(objects) == 4 and all(row.endswith("| not run | not run |") for row in objects), rows
     assert json.loads(path.with_suffix(".json").read_text())["simultaneous"]["RA_I"] == 70.0
 
     write_report(_report(None, 40.0, -0.2), path)  # no collapse, simultaneous loses RA-I, weak similarity
@@ -60,13 +64,15 @@ def test_report_shows_the_finer_damage_measure_and_an_undefined_r(tmp_path):
 
 
 FAKE_FIT = """#!/usr/bin/env python3
-# stands in for `python -m cuig_lightning fit ...`: one metrics row per request, RA-I collapsing at request 3
-import json, sys, time
+# stands in for `python -m cuig_lightning fit ...`: one metrics row per request, RA-I collapsing at request 3;
+# metrics.json replaced atomically, as cuig writes it (a poll never reads half a file)
+import json, os, sys, time
 from pathlib import Path
 run = Path(sys.argv[sys.argv.index("--trainer.run_dir") + 1]); run.mkdir(parents=True, exist_ok=True)
 for n in range(1, 13):
     rows = [{"request": k, "UA": 100.0, "RA_I": 100.0 - 30.0 * (k - 1), "RA_C": 90.0} for k in range(1, n + 1)]
-    (run / "metrics.json").write_text(json.dumps(rows))
+    (run / "metrics.tmp").write_text(json.dumps(rows))
+    os.replace(run / "metrics.tmp", run / "metrics.json")
     time.sleep(0.3)
 """
 

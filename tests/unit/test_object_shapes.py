@@ -12,7 +12,7 @@ from torchmetrics.functional import spearman_corrcoef
 from cuig_lightning.canvas_mini import objects, world
 from cuig_lightning.canvas_mini.instrument_measures import mantel_p
 
-IU = np.triu_indices(len(objects.OBJECTS), 1)
+IU = np.triu_indices(len(objects.GLYPHS), 1)
 
 
 def _canonical(params: np.ndarray, size: int = 64, reach: float = 1.35) -> np.ndarray:
@@ -42,15 +42,15 @@ def test_vocabulary_and_categories():
 def test_drawing_deterministic_per_seed():
     s = np.arange(40) % len(world.STYLE_CLASSES)
     o = np.arange(40) % len(objects.OBJECTS)
-    a, b, c = (objects.draw_objects(s, o, seed) for seed in (3, 3, 4))
+    a, b, c = (world.draw_batch(s, o, seed) for seed in (3, 3, 4))
     assert a.shape == (40, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
     assert (a != c).reshape(len(a), -1).any(1).mean() > 0.95  # another seed moves (almost) every drawing
-    x, sx, ox = objects.sample_objects(16, np.random.default_rng(5), neutral_share=0.5)
-    y, sy, oy = objects.sample_objects(16, np.random.default_rng(5), neutral_share=0.5)
+    x, sx, ox = world.sample_batch(16, np.random.default_rng(5), neutral_share=0.5)
+    y, sy, oy = world.sample_batch(16, np.random.default_rng(5), neutral_share=0.5)
     assert np.array_equal(x, y) and np.array_equal(sx, sy) and np.array_equal(ox, oy)
     with pytest.raises(ValueError):
-        objects.draw_objects([0], [len(objects.OBJECTS)], 0)
+        world.draw_batch([0], [len(objects.GLYPHS)], 0)
 
 
 def test_object_coordinate_convention_and_equal_area():
@@ -75,7 +75,7 @@ def test_every_object_distinct():
     assert objects.outline_distance(params)[IU].min() > 0.2  # log-radius RMS: none within ~20% (measured 0.28)
     # mean drawings (deformed, shifted, over the neutral look): every pair differs clearly
     o = np.repeat(np.arange(len(params)), 12)
-    ink = objects.draw_objects(np.full(len(o), world.NEUTRAL_INDEX), o, 0).astype(np.float32).mean(-1)
+    ink = world.draw_batch(np.full(len(o), world.NEUTRAL_INDEX), o, 0).astype(np.float32).mean(-1)
     means = np.stack([ink[o == i].mean(0).ravel() for i in range(len(params))]) / 255
     distance = np.linalg.norm(means[:, None] - means[None], axis=-1)
     assert distance[IU].min() > 0.4 * np.median(distance[IU])  # measured 0.57
