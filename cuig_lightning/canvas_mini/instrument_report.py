@@ -146,7 +146,9 @@ def write_report(report: dict, path: Path) -> None:
         "# Canvas-mini instrument checks",
         "",
         "Made by `cuig instrument` (cuig_lightning/canvas_mini/instrument.py); every number is from a real run. "
-        "The style checks first, then the object checks, marked (objects).",
+        "The style checks first, then the object checks, marked (objects). Where a check does not hold, what was "
+        "measured about why: [docs/canvas_mini.md](../docs/canvas_mini.md#instrument-checks-is-the-world-fit-to-"
+        "measure-the-paper).",
         "",
         *_table(report),
         "",
