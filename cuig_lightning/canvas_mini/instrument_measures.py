@@ -193,9 +193,9 @@ def sequential_summary(fits: dict[int, tuple[list[dict], float]]) -> dict:
 def text_cosine_to(target: str, names: list[str], domain: str, cosine: np.ndarray | None = None) -> torch.Tensor:
     """Each of ``names``' text cosine to ``target`` (float64), from the cosine matrix of the domain's concepts as
     the UNet sees them: :func:`looks.style_text_cosine` (rows in :data:`world.STYLES` order) for ``style``,
-    :func:`objects.object_text_cosine` (:data:`world.OBJECTS`) for ``object``; ``cosine``: that matrix, when
-    already at hand."""
-    order = {"style": world.STYLES, "object": world.OBJECTS}[domain]
+    :func:`objects.object_text_cosine` (:data:`world.GLYPHS`: objects, then categories) for ``object``;
+    ``cosine``: that matrix, when already at hand."""
+    order = {"style": world.STYLES, "object": world.GLYPHS}[domain]
     if cosine is None:
         cosine = looks.style_text_cosine() if domain == "style" else objects.object_text_cosine()
     index = {n: i for i, n in enumerate(order)}

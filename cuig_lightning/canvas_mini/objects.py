@@ -232,7 +232,8 @@ def shape_mask(
 def contact_sheet(
     path: str | Path | None = None, styles: list[str] | None = None, seed: int = 0, scale: int = 3, gap: int = 2
 ) -> np.ndarray:
-    """One row per glyph (objects, then categories), one column per style (default: 7 spread-out styles, then neutral), tiles upscaled."""
+    """One row per glyph (objects, then categories), one column per style (default: 7 spread-out styles, then
+    neutral), tiles upscaled."""
     from cuig_lightning.canvas_mini import world  # world draws the glyphs (and imports this module)
 
     styles = styles or [*world.STYLES[::7], world.NEUTRAL]

@@ -2,12 +2,12 @@
 
 A plain PyTorch loop (no Lightning): every step draws fresh Canvas-mini images
 (:func:`world.sample_batch`, a ``neutral_share`` of them with the style-less caption and the neutral
-look, a ``category_share`` of them a category's look captioned with the category), noises them with the cosine DDPM schedule, and regresses the v-prediction target with
-min-SNR-gamma weighting (diffusers' ``compute_snr``). AdamW with diffusers' warm-up + cosine
-schedule, gradient clipping, an ``EMAModel`` of the UNet, ``cond_dropout`` empty prompts (for
-classifier-free guidance), bf16 autocast on CPU. The text states of every caption and of ``""`` are
-computed once (the encoder is frozen) with :meth:`DiffusionModel.encode_text`, exactly what sampling
-feeds the UNet.
+look, a ``category_share`` of them a category's look captioned with the category), noises them with the
+cosine DDPM schedule, and regresses the v-prediction target with min-SNR-gamma weighting (diffusers'
+``compute_snr``). AdamW with diffusers' warm-up + cosine schedule, gradient clipping, an ``EMAModel`` of
+the UNet, ``cond_dropout`` empty prompts (for classifier-free guidance), bf16 autocast on CPU. The text
+states of every caption and of ``""`` are computed once (the encoder is frozen) with
+:meth:`DiffusionModel.encode_text`, exactly what sampling feeds the UNet.
 
 Output (``out_dir``): ``unet/`` (EMA weights) + ``scheduler/``, ``checkpoints/step_XXXXXX/`` along
 the way, ``train_log.jsonl`` and ``pretrain_report.json``.
@@ -262,9 +262,10 @@ def pretrain(
                 bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
                 log.write(json.dumps({"step": done, "loss": round(loss_avg, 5), "minutes": minutes}) + "\n")
                 log.flush()
-            if checkpoint_every and done % checkpoint_every == 0 and done < steps:
+            checkpoint = bool(checkpoint_every) and done % checkpoint_every == 0 and done < steps
+            if checkpoint:
                 save(out / "checkpoints" / f"step_{done:06d}")
-            if done < steps and ((checkpoint_every and done % checkpoint_every == 0) or done == stop_after):
+            if checkpoint or (done == stop_after and done < steps):
                 seconds = time.perf_counter() - t0
                 save_training_state(out, done, seconds, loss_avg, settings, unet, ema, opt, lr_schedule, rng, gen)
                 if done == stop_after:
