@@ -17,7 +17,7 @@ One report (``results/evaluation_speed.md`` + ``.json``) from four measurements:
 
 Resumable: each measured result ((run, request, protocol, seed), base model, timed job) is kept in
 ``evaluation_speed_cache.json`` beside the report, keyed by what it measured (a request by its delta's checksum, a
-job by its commit), so a rerun measures only what is missing. The report itself is
+job by its commit, the base model by its fingerprint), so a rerun measures only what is missing. The report itself is
 :mod:`cuig_lightning.benchmark.evaluation_speed_report`.
 """
 
@@ -257,7 +257,9 @@ def evaluation_speed(
     else:
         result["chosen"] = candidates[0]
     if base_model:
-        result["base"] = {key: cache.get(f"base|{protocol_key(p)}|{seeds[:2]}", lambda p=p: _base(model, evaluation_config, p, seeds[:2]))
+        # keyed by the model's fingerprint too: a retrained base model is measured again
+        result["base"] = {key: cache.get(f"base|{model.name}|{protocol_key(p)}|{seeds[:2]}",
+                                         lambda p=p: _base(model, evaluation_config, p, seeds[:2]))
                           for key, p in protocols.items() if key != "old"}
     if levers:
         probe = Evaluation(**evaluation_config, seeds=seeds[:1], save_samples=False)

@@ -39,3 +39,29 @@ def test_a_config_without_evaluation_is_a_one_line_error(tmp_path, tiny_sd, cach
     assert run_cli("evaluation-speed", "--job", str(cfg), "--output", str(tmp_path / "out")) == 2
     assert "has no trainer.evaluation section" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_base_model_result_is_cached_per_model(tmp_path, tiny_sd, cache_dir, monkeypatch):
+    """A retrained base model (another fingerprint) is measured again, not read from another model's entry."""
+    from cuig_lightning.benchmark import evaluation_speed as module
+    from cuig_lightning.models.diffusion import fingerprint
+
+    cfg = write_tiny_job(tmp_path / "job.yaml", tiny_sd, cache_dir, tmp_path / "run")
+    out = tmp_path / "report"
+    out.mkdir()
+    settings = {"sampler": "dpm_solver", "steps": 2, "guidance": 1.5, "seeds": [188, 288]}
+    stale = {"settings": settings, "style_accuracy": 1.0, "object_accuracy": 1.0, "n_images": 1}
+    (out / "evaluation_speed_cache.json").write_text(json.dumps({
+        "base|dpm_solver-2|[188, 288]": stale,  # the key before the fingerprint was part of it
+        "base|another-model|dpm_solver-2|[188, 288]": stale}))
+    measured = {"settings": settings, "style_accuracy": 99.0, "object_accuracy": 98.0, "n_images": 4}
+    calls = []
+    monkeypatch.setattr(module, "_base", lambda *args: calls.append(args) or measured)
+    args = ["evaluation-speed", "--job", str(cfg), "--candidates", "[{sampler: dpm_solver, steps: 2}]",
+            "--levers", "false", "--output", str(out)]
+    assert run_cli(*args) == 0
+    assert len(calls) == 1
+    assert json.loads((out / "evaluation_speed.json").read_text())["base"] == {"dpm_solver-2": measured}
+    cached = json.loads((out / "evaluation_speed_cache.json").read_text())
+    assert cached[f"base|{fingerprint(tiny_sd)}|dpm_solver-2|[188, 288]"] == measured
+    assert run_cli(*args) == 0 and len(calls) == 1  # the same model again: read from the cache
