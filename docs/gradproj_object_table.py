@@ -1,9 +1,10 @@
 """The table of docs/canvas_mini.md "GradProj on objects: what the probe shows" (not part of the package): each cell's
 UA / RA-I / RA-C and the KeyValueDrift probe's ratios, read from the committed runs in results/gradproj_object/.
 
-The runs (one seed, 42; each cell an overlay of configs/paper/gradproj_object/ on the object job):
+The runs (one seed, 42; each cell an overlay of configs/paper/gradproj_object/ on the object job), of which
+results/gradproj_object/<cell>/ keeps metrics.json / .md / .csv and requests/*/kv_drift.json (not the weights):
     cuig fit --config configs/seq12_object.yaml --config configs/paper/gradproj_object/<cell>.yaml \
-        --trainer.run_dir results/gradproj_object/<cell>
+        --trainer.run_dir /tmp/goa/<cell>
 The table:
     python docs/gradproj_object_table.py
 """

@@ -238,6 +238,8 @@ def evaluation_speed(
     for key in ("seeds", "sampler", "steps"):
         evaluation_config.pop(key, None)
     seeds = list(seeds or [188, 288, 588])
+    for run in (runs or {}).values():
+        saved_config(run)  # a missing or foreign run folder is refused before anything is written
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     cache = Cache(out / "evaluation_speed_cache.json")

@@ -65,3 +65,12 @@ def test_the_base_model_result_is_cached_per_model(tmp_path, tiny_sd, cache_dir,
     cached = json.loads((out / "evaluation_speed_cache.json").read_text())
     assert cached[f"base|{fingerprint(tiny_sd)}|dpm_solver-2|[188, 288]"] == measured
     assert run_cli(*args) == 0 and len(calls) == 1  # the same model again: read from the cache
+
+
+def test_a_missing_run_folder_is_a_one_line_error_before_anything_is_written(tmp_path, tiny_sd, cache_dir, capsys):
+    cfg = write_tiny_job(tmp_path / "job.yaml", tiny_sd, cache_dir, tmp_path / "run")
+    args = ["evaluation-speed", "--job", str(cfg), "--runs", json.dumps({"x": str(tmp_path / "nope")}),
+            "--output", str(tmp_path / "out")]
+    assert run_cli(*args) == 2
+    assert "is not a cuig run folder" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
